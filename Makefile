@@ -1,0 +1,29 @@
+# Quick start: `make run` (demo daemon) and `make test` (whole suite). Both set up on a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: setup system-deps run test unit clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+system-deps:
+	sh scripts/install-system-deps.sh
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(PY) -m mailcloak.demo
+
+test: setup system-deps
+	$(PY) -m pytest -q -rs
+
+unit: setup
+	$(PY) -m pytest -q tests/unit
+
+clean:
+	rm -rf $(VENV) run *.egg-info

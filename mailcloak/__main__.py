@@ -1,0 +1,3 @@
+from mailcloak.daemon import main
+
+raise SystemExit(main())

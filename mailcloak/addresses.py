@@ -1,0 +1,89 @@
+"""Mail addresses as mailcloak compares them: lower-cased, with an optional sub-address extension.
+
+Shared by the policy, the socketmap and mailcloakctl so that "the same address" means the same
+thing everywhere.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+from mailcloak.errors import InvalidInput
+
+# A domain: dot-separated labels of letters, digits and hyphens (IDNs arrive as punycode or UTF-8).
+_LABEL = r"[^\s@.,;:<>()\[\]\\\"\x00-\x1f\x7f]+"
+_DOMAIN = re.compile(rf"{_LABEL}(\.{_LABEL})*")
+# What a local part may hold here: printable, no space, no '@', nothing a reply could be broken by.
+_LOCAL = re.compile(r"[^\s@,;:<>()\[\]\\\"\x00-\x1f\x7f]+")
+
+
+class Split(NamedTuple):
+    base: str       # the address without its extension, lower-cased
+    extension: str  # "+tag" (delimiter included), or "" when there is none
+
+
+def normalize(address: str) -> str:
+    return address.strip().lower()
+
+
+def domain_of(address: str) -> str:
+    """The part after the last '@', lower-cased; "" when there is none."""
+    at = address.rfind("@")
+    return address[at + 1 :].lower() if at >= 0 else ""
+
+
+def split_extension(address: str, delimiters: str) -> Split:
+    """Split `user+tag@domain` into (`user@domain`, `+tag`), as Postfix's recipient_delimiter does.
+
+    `delimiters` is a set of characters; the first one found in the local part splits it. An
+    empty set turns sub-addressing off. A local part that would become empty is not split.
+    """
+    address = address.lower()
+    at = address.rfind("@")
+    if not delimiters or at <= 0:
+        return Split(address, "")
+    local, domain = address[:at], address[at:]
+    for i, char in enumerate(local):
+        if char in delimiters:
+            if i == 0:
+                break
+            return Split(local[:i] + domain, local[i:])
+    return Split(address, "")
+
+
+def add_extension(address: str, extension: str) -> str:
+    """Put `+tag` back before the '@' of an answer (what propagate_unmatched_extensions does)."""
+    if not extension:
+        return address
+    at = address.rfind("@")
+    return address[:at] + extension + address[at:]
+
+
+def check_domain(domain: str) -> str:
+    """Validate and normalise a domain name for mailcloakctl; raises InvalidInput."""
+    value = normalize(domain)
+    if not value or not _DOMAIN.fullmatch(value) or len(value) > 253:
+        raise InvalidInput(f"invalid domain: {domain!r}")
+    return value
+
+
+def check_address(address: str) -> str:
+    """Validate and normalise an address: exactly one '@', a non-empty local part and domain,
+    no spaces or control characters. Raises InvalidInput."""
+    value = normalize(address)
+    if value.count("@") != 1:
+        raise InvalidInput(f"invalid address: {address!r}")
+    local, domain = value.split("@")
+    if not local or not _LOCAL.fullmatch(local) or len(value) > 320:
+        raise InvalidInput(f"invalid address: {address!r}")
+    try:
+        check_domain(domain)
+    except InvalidInput:
+        raise InvalidInput(f"invalid address: {address!r}") from None
+    return value
+
+
+def is_safe_token(value: str) -> bool:
+    """True when `value` can be put in a protocol reply as one word (no space, comma, control)."""
+    return bool(value) and _LOCAL.fullmatch(value) is not None

@@ -1,0 +1,45 @@
+"""The identity-provider interface the policy (and later the socketmap and passdb) relies on.
+
+A provider answers two questions, for enabled users only, comparing case-insensitively:
+"which user has this address" and "which user has this username". It raises IdPError when it
+cannot answer (down, slow, refused, malformed); callers apply `policy.idp_failure_mode`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class IdPUser:
+    username: str                     # as the IdP spells it
+    email: str                        # primary email, lower-case ("" when the user has none)
+    addresses: frozenset[str] = frozenset()  # further addresses the user owns (lower-case)
+
+    def owns(self, address: str) -> bool:
+        return address == self.email or address in self.addresses
+
+
+class IdentityProvider(ABC):
+    """One provider per process; `close()` releases its HTTP session, if any."""
+
+    name: str
+
+    @abstractmethod
+    async def user_by_address(self, address: str) -> IdPUser | None:
+        """The enabled user whose primary email (or other owned address) is `address`."""
+
+    @abstractmethod
+    async def user_by_username(self, username: str) -> IdPUser | None:
+        """The enabled user whose username is `username`."""
+
+    async def user_by_login(self, login: str) -> IdPUser | None:
+        """A SASL login: the IdP username, or the primary email (Dovecot's username_attribute = email)."""
+        user = await self.user_by_username(login)
+        if user is None and "@" in login:
+            user = await self.user_by_address(login.lower())
+        return user
+
+    async def close(self) -> None:
+        """Release resources; the default provider holds none."""

@@ -1,0 +1,1 @@
+"""Postfix policy delegation service (SPEC §6)."""

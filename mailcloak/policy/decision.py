@@ -1,0 +1,115 @@
+"""The policy decision of SPEC §6: a pure function of the request and the facts looked up for it.
+
+No I/O happens here; `mailcloak.policy.facts` gathers what the rows need. Every reject or defer
+carries text after its code (a bare number or an empty action is a permit to Postfix), and the
+policy never answers OK, so Postfix's later restrictions still run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from mailcloak.idp.base import IdPUser
+from mailcloak.policy.codec import PolicyRequest
+from mailcloak.store.model import App
+
+USER_METHODS: Final = frozenset({"XOAUTH2", "OAUTHBEARER"})
+APP_METHODS: Final = frozenset({"PLAIN", "LOGIN"})
+
+DUNNO: Final = "DUNNO"
+NO_SUCH_USER: Final = "550 5.1.1 No such user"
+NOT_LOCAL: Final = "550 5.7.1 Recipient domain not local"
+AUTH_REQUIRED: Final = "553 5.7.1 Sending from local domains requires authentication"
+NOT_OWNED: Final = "553 5.7.1 Sender not owned by authenticated user"
+UNSUPPORTED_METHOD: Final = "553 5.7.1 Unsupported authentication method"
+IDP_TEMPFAIL: Final = "451 4.3.0 Temporary authentication/lookup failure"
+INTERNAL_TEMPFAIL: Final = "451 4.3.0 Temporary internal error"
+MALFORMED: Final = "DEFER_IF_PERMIT 4.3.0 Malformed policy request"
+
+
+class Unavailable:
+    """Marks a fact the IdP could not provide in time."""
+
+    def __repr__(self) -> str:
+        return "UNAVAILABLE"
+
+
+UNAVAILABLE: Final = Unavailable()
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What the rows of §6 need to know, looked up for one request. Addresses are the
+    extension-stripped base forms (`user@domain` for `user+tag@domain`)."""
+
+    recipient_local: bool = False
+    # Recipient exists: an enabled alias or an enabled IdP user's address. None when not asked.
+    recipient_exists: bool | Unavailable | None = None
+    sender_local: bool = False
+    # The IdP user behind a XOAUTH2/OAUTHBEARER login.
+    login_user: IdPUser | Unavailable | None = None
+    # target_user of the enabled alias that the sender is, if any.
+    sender_alias_target: str | None = None
+    # The app behind a PLAIN/LOGIN login, if any (enabled or not).
+    app: App | None = None
+    sender_base: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: str
+    rule: str  # which row decided, for logs and `mailcloakctl check`
+
+
+def decide(request: PolicyRequest, facts: Facts, failure_action: str) -> Decision:
+    """SPEC §6. `failure_action` is what `idp_failure_mode` makes of an IdP that cannot answer."""
+    state = request.protocol_state
+    if state == "RCPT":
+        if not request.recipient:
+            return Decision(DUNNO, "1 no recipient")
+        if facts.recipient_local:
+            if facts.recipient_exists is UNAVAILABLE:
+                return Decision(failure_action, "idp unavailable (recipient)")
+            if not facts.recipient_exists:
+                return Decision(NO_SUCH_USER, "2 local recipient does not exist")
+        if not request.authenticated:
+            if not facts.recipient_local:
+                return Decision(NOT_LOCAL, "3 unauthenticated, recipient not local")
+            return _unauthenticated_sender(facts)
+        return _sender_rules(request, facts, failure_action)
+    if state == "MAIL":
+        if not request.authenticated:
+            return _unauthenticated_sender(facts)
+        return _sender_rules(request, facts, failure_action)
+    return Decision(DUNNO, f"state {state or 'missing'} not checked")
+
+
+def _unauthenticated_sender(facts: Facts) -> Decision:
+    if facts.sender_local:
+        return Decision(AUTH_REQUIRED, "4 unauthenticated, sender local")
+    return Decision(DUNNO, "5 unauthenticated")
+
+
+def _sender_rules(request: PolicyRequest, facts: Facts, failure_action: str) -> Decision:
+    method = request.sasl_method
+    sender = facts.sender_base
+    if method in USER_METHODS:
+        user = facts.login_user
+        if user is UNAVAILABLE:
+            return Decision(failure_action, "idp unavailable (login)")
+        if user is not None and sender and (
+            user.owns(sender)
+            or (facts.sender_alias_target is not None
+                and facts.sender_alias_target.lower() == user.username.lower())
+        ):
+            return Decision(DUNNO, "6 user owns sender")
+        return Decision(NOT_OWNED, "8 sender not owned by user")
+    if method in APP_METHODS:
+        app = facts.app
+        if app is not None and app.enabled and sender and (
+            app.may_send_as(sender) or app.may_send_as(request.sender)
+        ):
+            return Decision(DUNNO, "7 app may send as sender")
+        return Decision(NOT_OWNED, "8 sender not owned by app")
+    return Decision(UNSUPPORTED_METHOD, "9 unsupported authentication method")

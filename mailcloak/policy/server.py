@@ -1,0 +1,64 @@
+"""The policy service on its unix socket: many requests per connection, as Postfix reuses them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from mailcloak.errors import ProtocolError
+from mailcloak.policy.codec import MalformedRequest, PolicyRequest, encode_reply, parse_request, read_request_lines
+from mailcloak.policy.decision import INTERNAL_TEMPFAIL, MALFORMED, Decision, decide
+from mailcloak.policy.facts import gather_facts
+from mailcloak.runtime import RuntimeRef
+from mailcloak.unixserver import Connection
+
+log = logging.getLogger(__name__)
+
+
+class PolicyService:
+    def __init__(self, ref: RuntimeRef):
+        self._ref = ref
+
+    async def evaluate(self, request: PolicyRequest) -> Decision:
+        """Facts, then the pure decision. Always returns within the configured deadline."""
+        runtime = self._ref.current
+        snapshot = runtime.state.snapshot
+        if snapshot is None:
+            return Decision(INTERNAL_TEMPFAIL, "database state unavailable")
+        policy = runtime.config.policy
+        deadline = asyncio.get_running_loop().time() + policy.request_deadline_seconds
+        facts = await gather_facts(request, snapshot, runtime.idp, policy.recipient_delimiter, deadline)
+        return decide(request, facts, runtime.failure_action)
+
+    async def handle(self, conn: Connection) -> None:
+        sockets = self._ref.current.config.sockets
+        while not conn.closing:
+            try:
+                lines = await read_request_lines(
+                    conn.reader, sockets.idle_timeout_seconds, sockets.request_timeout_seconds
+                )
+            except ProtocolError as exc:
+                log.warning("policy: closing connection: %s", exc)
+                return
+            if lines is None:
+                return
+            conn.busy = True
+            try:
+                parsed = parse_request(lines)
+                if isinstance(parsed, MalformedRequest):
+                    log.warning("policy: malformed request (%s); answering DEFER_IF_PERMIT", parsed.reason)
+                    action = MALFORMED
+                else:
+                    decision = await self.evaluate(parsed)
+                    action = decision.action
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug(
+                            "policy: queue_id=%s client=%s sasl_username=%s sender=%s recipient=%s "
+                            "action=%r rule=%r",
+                            parsed.get("queue_id"), parsed.get("client_address"), parsed.sasl_username,
+                            parsed.sender, parsed.recipient, decision.action, decision.rule,
+                        )
+                conn.writer.write(encode_reply(action))
+                await conn.writer.drain()
+            finally:
+                conn.busy = False

@@ -1,0 +1,1 @@
+"""Postfix socketmap_table(5) service."""

@@ -1,0 +1,114 @@
+"""The daemon's in-memory copy of the database, refreshed when another process commits.
+
+Requests read `StateCache.snapshot` and never touch the database. A background task waits for
+the store to report a change (SQLite: `PRAGMA data_version`, polled twice a second) and swaps in
+a new snapshot built off the hot path. If a refresh fails (locked past the wait, file gone,
+corrupt), the last good snapshot keeps answering, the failure is logged once, and the refresh is
+retried; answers only become TEMP/451 when no snapshot was ever loaded.
+
+Rows that could break a protocol reply (an alias target with a space, comma or control character
+written into the database by hand) are left out of the snapshot with a warning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from mailcloak.addresses import check_address, is_safe_token
+from mailcloak.errors import InvalidInput, StoreError
+from mailcloak.store.base import Store
+from mailcloak.store.model import Rows, Snapshot
+
+log = logging.getLogger(__name__)
+
+RETRY_SECONDS = 1.0
+
+
+class StateCache:
+    def __init__(self, store: Store, extra_local_domains: frozenset[str] = frozenset()):
+        self._store = store
+        self._extra = extra_local_domains
+        self.snapshot: Snapshot | None = None
+        self.loaded_at: float = 0.0
+        self.last_error: str | None = None
+        self._forced = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    async def load(self) -> None:
+        """Load now; raises StoreError (used at start-up, where failing is right)."""
+        rows = await self._store.load()
+        self.snapshot = Snapshot.from_rows(_safe_rows(rows), self._extra)
+        self.loaded_at = time.monotonic()
+        self.last_error = None
+
+    def set_extra_local_domains(self, domains: frozenset[str]) -> None:
+        self._extra = domains
+
+    def request_reload(self) -> None:
+        """Reload at once (SIGHUP), whatever the change detection says."""
+        self._forced.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._refresh_forever(), name="state-refresh")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            try:
+                await self._wait_for_change_or_force()
+                await self.load()
+                log.debug("database state reloaded")
+            except StoreError as exc:
+                if self.last_error != str(exc):
+                    log.error("cannot refresh database state (answering from the last good state): %s", exc)
+                self.last_error = str(exc)
+                await asyncio.sleep(RETRY_SECONDS)
+                self._forced.set()  # retry the load itself, not only the change check
+
+    async def _wait_for_change_or_force(self) -> None:
+        if self._forced.is_set():
+            self._forced.clear()
+            return
+        change = asyncio.ensure_future(self._store.wait_for_change())
+        forced = asyncio.ensure_future(self._forced.wait())
+        try:
+            await asyncio.wait({change, forced}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            change.cancel()
+            forced.cancel()
+            results = await asyncio.gather(change, forced, return_exceptions=True)
+        self._forced.clear()
+        if isinstance(results[0], StoreError):
+            raise results[0]
+
+
+def _safe_rows(rows: Rows) -> Rows:
+    aliases = []
+    dropped = 0
+    for alias in rows.aliases:
+        try:
+            check_address(alias.address)
+            ok = is_safe_token(alias.target_user) and "@" not in alias.target_user
+        except InvalidInput:
+            ok = False
+        if ok:
+            aliases.append(alias)
+        else:
+            dropped += 1
+    if dropped:
+        log.warning("ignoring %d alias row(s) whose address or target_user cannot be used safely "
+                    "in a Postfix reply; fix them with mailcloakctl", dropped)
+        return Rows(rows.domains, tuple(aliases), rows.apps)
+    return rows

@@ -1,0 +1,100 @@
+"""Rows of the four tables, and the in-memory snapshot the daemon answers from.
+
+The daemon never queries the database per request: it holds one immutable `Snapshot`, rebuilt
+when the store reports a change, and swapped in whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+
+@dataclass(frozen=True, slots=True)
+class Domain:
+    name: str
+    enabled: bool
+    updated_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class Alias:
+    address: str       # alias_email, lower-case
+    target_user: str   # an IdP username, not an address
+    domain: str        # alias_domain_name
+    enabled: bool
+    updated_at: int
+
+    @property
+    def target_address(self) -> str:
+        """What the socketmap rewrites the alias to: `target_user@<domain of the alias>`."""
+        return f"{self.target_user}@{self.domain}"
+
+
+@dataclass(frozen=True, slots=True)
+class AppSender:
+    address: str
+    enabled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class App:
+    app_id: str        # case kept as written
+    secret_hash: str   # "{ARGON2ID}$argon2id$..."
+    enabled: bool
+    updated_at: int
+    senders: tuple[AppSender, ...] = ()
+
+    def may_send_as(self, address: str) -> bool:
+        return any(s.enabled and s.address == address for s in self.senders)
+
+
+@dataclass(frozen=True, slots=True)
+class Rows:
+    """Everything in the database, as loaded in one read transaction."""
+
+    domains: tuple[Domain, ...] = ()
+    aliases: tuple[Alias, ...] = ()
+    apps: tuple[App, ...] = ()
+
+
+_EMPTY: Mapping = MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Indexed, read-only view of `Rows` for the hot path. Keys are lower-case."""
+
+    domains: Mapping[str, Domain] = field(default_factory=lambda: _EMPTY)
+    aliases: Mapping[str, Alias] = field(default_factory=lambda: _EMPTY)
+    apps: Mapping[str, App] = field(default_factory=lambda: _EMPTY)
+    # Domains that are local although not in the table (legacy `policy.domain`).
+    extra_local_domains: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def from_rows(cls, rows: Rows, extra_local_domains: frozenset[str] = frozenset()) -> "Snapshot":
+        return cls(
+            domains=MappingProxyType({d.name.lower(): d for d in rows.domains}),
+            aliases=MappingProxyType({a.address.lower(): a for a in rows.aliases}),
+            apps=MappingProxyType({a.app_id.lower(): a for a in rows.apps}),
+            extra_local_domains=extra_local_domains,
+        )
+
+    def is_local(self, domain: str) -> bool:
+        """A domain is local when it is in `domains` and enabled."""
+        row = self.domains.get(domain)
+        if row is not None:
+            return row.enabled
+        return domain in self.extra_local_domains
+
+    def active_alias(self, address: str) -> Alias | None:
+        """The enabled alias for a lower-case address, in an enabled local domain."""
+        alias = self.aliases.get(address)
+        if alias is None or not alias.enabled or not self.is_local(alias.domain):
+            return None
+        return alias
+
+    def app(self, login: str) -> App | None:
+        """The app whose id matches a login name case-insensitively (Dovecot lower-cases it)."""
+        return self.apps.get(login.lower())
