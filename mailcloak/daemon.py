@@ -20,8 +20,10 @@ from typing import AsyncIterator
 from aiohttp import web
 
 from mailcloak import __version__
+from mailcloak.appkeys import CONFIG, CONFIG_PATH, RUNTIME, SERVERS, STATE
 from mailcloak.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config, parse_listen
 from mailcloak.errors import MailcloakError
+from mailcloak.http.app import setup_http
 from mailcloak.idp import build_provider
 from mailcloak.policy.codec import MAX_LINE
 from mailcloak.policy.server import PolicyService
@@ -30,15 +32,9 @@ from mailcloak.runtime import Runtime, RuntimeRef
 from mailcloak.socketmap.server import SocketmapService
 from mailcloak.state import StateCache
 from mailcloak.store import open_store
-from mailcloak.unixserver import UnixServer, resolve_owner
+from mailcloak.unixserver import SocketInUse, UnixServer, bind_unix_socket, resolve_owner
 
 log = logging.getLogger("mailcloak")
-
-CONFIG = web.AppKey("config", Config)
-CONFIG_PATH = web.AppKey("config_path", str)
-STATE = web.AppKey("state", StateCache)
-RUNTIME = web.AppKey("runtime", RuntimeRef)
-SERVERS = web.AppKey("servers", list)
 
 
 def extra_local_domains(config: Config) -> frozenset[str]:
@@ -97,7 +93,24 @@ def build_app(config: Config, config_path: str) -> web.Application:
     app.cleanup_ctx.append(_state_ctx)
     app.cleanup_ctx.append(_runtime_ctx)
     app.cleanup_ctx.append(_unix_servers_ctx)
+    setup_http(app)
     return app
+
+
+async def _start_http_site(runner: web.AppRunner, config: Config) -> None:
+    """The HTTP listener: loopback TCP or a unix socket (bound like the Postfix-facing ones)."""
+    kind, where, port = parse_listen(config.http.listen)
+    if kind == "unix":
+        sockets = config.sockets
+        sock = bind_unix_socket(where, sockets.mode, resolve_owner(sockets))
+        site: web.BaseSite = web.SockSite(runner, sock)
+    else:
+        site = web.TCPSite(runner, where, port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        raise SocketInUse(f"cannot listen on {config.http.listen}: {exc.strerror}") from None
+    log.info("http listening on %s", config.http.listen)
 
 
 async def reload(app: web.Application) -> None:
@@ -133,6 +146,8 @@ async def serve(config: Config, config_path: str, ready: asyncio.Event | None = 
     background: set[asyncio.Task] = set()
     try:
         await runner.setup()
+        if config.http.listen:
+            await _start_http_site(runner, config)
         drop_privileges(config.daemon.user)
 
         def on_hup() -> None:
