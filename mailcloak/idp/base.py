@@ -41,5 +41,13 @@ class IdentityProvider(ABC):
             user = await self.user_by_address(login.lower())
         return user
 
+    async def introspect_token(self, token: str) -> IdPUser | None:
+        """The enabled user an access token was issued to, if the IdP says it is active.
+
+        For Dovecot's oauth2 passdb (SPEC §8). None for a token the IdP does not accept; raises
+        IdPError when the IdP cannot answer. Providers without tokens accept none.
+        """
+        return None
+
     async def close(self) -> None:
         """Release resources; the default provider holds none."""
