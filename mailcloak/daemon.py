@@ -19,7 +19,7 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
-from mailcloak import __version__
+from mailcloak import __version__, logs
 from mailcloak.appkeys import CONFIG, CONFIG_PATH, RUNTIME, SERVERS, STATE
 from mailcloak.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config, parse_listen
 from mailcloak.errors import MailcloakError
@@ -126,7 +126,7 @@ async def reload(app: web.Application) -> None:
     for key in ("sockets", "sqlite", "http"):
         if getattr(config, key) != getattr(old.config, key):
             log.warning("reload: changes under %s take effect at the next restart", key)
-    _set_log_level(config.daemon.log_level)
+    logs.set_level(config.daemon.log_level)
     old.state.set_extra_local_domains(extra_local_domains(config))
     ref.current = Runtime(config, idp, old.state)
     old.state.request_reload()
@@ -190,8 +190,11 @@ async def check(config: Config) -> int:
         ok = False
     try:
         idp = build_provider(config)
-        await idp.close()
-        print(f"idp: {config.idp.provider} OK")
+        try:
+            summary = await idp.probe()
+        finally:
+            await idp.close()
+        print(f"idp: {config.idp.provider} OK ({summary})")
     except MailcloakError as exc:
         print(f"idp: ERROR {exc}")
         ok = False
@@ -226,12 +229,6 @@ def _warn_if_secrets_readable(config: Config, say) -> None:
         say(f"warning: {config.source} holds secrets and is readable by every user; chmod o-r it")
 
 
-def _set_log_level(level: str) -> None:
-    """mailcloak's own loggers at `level`; libraries (aiosqlite, asyncio) never below INFO."""
-    logging.getLogger("mailcloak").setLevel(level.upper())
-    logging.getLogger().setLevel(max(logging.INFO, logging.getLevelName(level.upper())))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mailcloak", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=DEFAULT_CONFIG_PATH, help="YAML config file")
@@ -241,13 +238,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="overrides daemon.log_level")
     parser.add_argument("--version", action="version", version=f"mailcloak {__version__}")
     args = parser.parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure()
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         print(f"mailcloak: {exc}", file=sys.stderr)
         return 1
-    _set_log_level(args.log_level or config.daemon.log_level)
+    logs.configure(config.daemon.log_format)
+    logs.set_level(args.log_level or config.daemon.log_level)
     if args.check_config:
         try:
             return asyncio.run(check(config))

@@ -14,6 +14,8 @@ from mailcloak.unixserver import Connection
 
 log = logging.getLogger(__name__)
 
+DECISION_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO}
+
 
 class PolicyService:
     def __init__(self, ref: RuntimeRef):
@@ -29,6 +31,18 @@ class PolicyService:
         deadline = asyncio.get_running_loop().time() + policy.request_deadline_seconds
         facts = await gather_facts(request, snapshot, runtime.idp, policy.recipient_delimiter, deadline)
         return decide(request, facts, runtime.failure_action)
+
+    def _log_decision(self, request: PolicyRequest, decision: Decision) -> None:
+        """One line per decision, with what an administrator searches for; never a secret."""
+        level = DECISION_LEVELS[self._ref.current.config.daemon.decision_log_level]
+        if not log.isEnabledFor(level):
+            return
+        log.log(level, "policy decision", extra={"fields": {
+            "queue_id": request.get("queue_id"), "client": request.get("client_address"),
+            "sasl_method": request.get("sasl_method"), "sasl_username": request.sasl_username,
+            "sender": request.sender, "recipient": request.recipient,
+            "state": request.protocol_state, "action": decision.action, "rule": decision.rule,
+        }})
 
     async def handle(self, conn: Connection) -> None:
         sockets = self._ref.current.config.sockets
@@ -51,13 +65,7 @@ class PolicyService:
                 else:
                     decision = await self.evaluate(parsed)
                     action = decision.action
-                    if log.isEnabledFor(logging.DEBUG):
-                        log.debug(
-                            "policy: queue_id=%s client=%s sasl_username=%s sender=%s recipient=%s "
-                            "action=%r rule=%r",
-                            parsed.get("queue_id"), parsed.get("client_address"), parsed.sasl_username,
-                            parsed.sender, parsed.recipient, decision.action, decision.rule,
-                        )
+                    self._log_decision(parsed, decision)
                 conn.writer.write(encode_reply(action))
                 await conn.writer.drain()
             finally:
