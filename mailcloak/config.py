@@ -120,6 +120,9 @@ class DaemonConfig:
     # Privileges are dropped to this user after binding when started as root; "" keeps root.
     user: str = "mailcloak"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+    # Level of the one line logged per policy decision (debug keeps the hot path quiet).
+    decision_log_level: Literal["debug", "info"] = "debug"
     # Bound on the wait for in-flight requests at SIGTERM.
     shutdown_grace_seconds: float = 5
 
@@ -164,9 +167,8 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
-    data = _map_legacy_keys(data)
-    data.pop("source", None)
     try:
+        data = _map_legacy_keys(data)
         config = _build(Config, data, "")
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
@@ -208,6 +210,11 @@ def _map_legacy_keys(data: dict[str, Any]) -> dict[str, Any]:
                 for name in ("keycloak", "authentik"):
                     section = idp.get(name)
                     if isinstance(section, dict):
+                        if "cache_ttl_seconds" in section and section["cache_ttl_seconds"] != ttl:
+                            raise ConfigError(
+                                f"policy.cache_ttl_seconds (legacy) and idp.{name}.cache_ttl_seconds "
+                                "disagree; keep one"
+                            )
                         idp[name] = {"cache_ttl_seconds": ttl, **section}
         data["policy"] = policy
     if idp is not None:
