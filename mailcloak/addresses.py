@@ -12,10 +12,11 @@ from typing import NamedTuple
 from mailcloak.errors import InvalidInput
 
 # A domain: dot-separated labels of letters, digits and hyphens (IDNs arrive as punycode or UTF-8).
-_LABEL = r"[^\s@.,;:<>()\[\]\\\"\x00-\x1f\x7f]+"
+_LABEL = r"[^\s@.,;:<>()\[\]\\\"\x00-\x1f\x7f-\x9f]+"
 _DOMAIN = re.compile(rf"{_LABEL}(\.{_LABEL})*")
 # What a local part may hold here: printable, no space, no '@', nothing a reply could be broken by.
-_LOCAL = re.compile(r"[^\s@,;:<>()\[\]\\\"\x00-\x1f\x7f]+")
+# Control characters are C0, DEL and C1 (\x80-\x9f: a terminal reads \x9b as an escape).
+_LOCAL = re.compile(r"[^\s@,;:<>()\[\]\\\"\x00-\x1f\x7f-\x9f]+")
 
 
 class Split(NamedTuple):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
+import math
 import re
 import types
 import typing
@@ -236,6 +237,10 @@ def _type_name(tp: Any) -> str:
     return str(tp)
 
 
+def _optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
 def _build(tp: Any, value: Any, path: str) -> Any:
     """Turn parsed YAML into the annotated type, naming `path` in every error."""
     name = path or "the top level"
@@ -269,6 +274,8 @@ def _build(tp: Any, value: Any, path: str) -> Any:
             dotted = f"{path}.{key}" if path else str(key)
             if key not in known:
                 raise ConfigError(f"unknown key {dotted}")
+            if item is None and not _optional(hints[key]):
+                continue  # `key:` with no value means the default, never "" (daemon.user: keeps root)
             kwargs[key] = _build(hints[key], item, dotted)
         for fname, f in known.items():
             if fname in kwargs:
@@ -278,7 +285,7 @@ def _build(tp: Any, value: Any, path: str) -> Any:
                 raise ConfigError(f"missing key {dotted}")
         return tp(**kwargs)
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(f"{name} must be {_type_name(tp)} (got {value!r})")
         if value < 0:
             raise ConfigError(f"{name} must not be negative (got {value!r})")

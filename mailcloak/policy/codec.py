@@ -68,6 +68,8 @@ async def read_request_lines(reader: asyncio.StreamReader, first_line_timeout: f
     try:
         async with asyncio.timeout(first_line_timeout):
             first = await _read_line(reader)
+            while first == b"":  # a stray empty line between requests asks nothing
+                first = await _read_line(reader)
     except TimeoutError:
         raise ProtocolError("idle timeout") from None
     if first is None:

@@ -70,19 +70,28 @@ def decide(request: PolicyRequest, facts: Facts, failure_action: str) -> Decisio
             return Decision(DUNNO, "1 no recipient")
         if facts.recipient_local:
             if facts.recipient_exists is UNAVAILABLE:
+                # Row 2 cannot be decided. A sender row that rejects applies whatever its answer
+                # would have been (so `dunno` never lets an IdP outage lift the sender checks);
+                # only when the sender passes does the unknown answer matter.
+                later = _sender_decision(request, facts, failure_action)
+                if later.action != DUNNO:
+                    return later
                 return Decision(failure_action, "idp unavailable (recipient)")
             if not facts.recipient_exists:
                 return Decision(NO_SUCH_USER, "2 local recipient does not exist")
-        if not request.authenticated:
-            if not facts.recipient_local:
-                return Decision(NOT_LOCAL, "3 unauthenticated, recipient not local")
-            return _unauthenticated_sender(facts)
-        return _sender_rules(request, facts, failure_action)
+        if not request.authenticated and not facts.recipient_local:
+            return Decision(NOT_LOCAL, "3 unauthenticated, recipient not local")
+        return _sender_decision(request, facts, failure_action)
     if state == "MAIL":
-        if not request.authenticated:
-            return _unauthenticated_sender(facts)
-        return _sender_rules(request, facts, failure_action)
+        return _sender_decision(request, facts, failure_action)
     return Decision(DUNNO, f"state {state or 'missing'} not checked")
+
+
+def _sender_decision(request: PolicyRequest, facts: Facts, failure_action: str) -> Decision:
+    """Rows 4-9: what the sender and the login allow, on their own."""
+    if not request.authenticated:
+        return _unauthenticated_sender(facts)
+    return _sender_rules(request, facts, failure_action)
 
 
 def _unauthenticated_sender(facts: Facts) -> Decision:

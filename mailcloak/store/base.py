@@ -28,8 +28,8 @@ class Store(ABC):
 
     @abstractmethod
     async def wait_for_change(self) -> None:
-        """Return once another writer may have committed since the previous call (or the first
-        call). Cheap: it must not read the tables."""
+        """Return once another writer may have committed since the previous call or the last
+        `load()`, whichever came later. Cheap: it must not read the tables."""
 
     # Writes: each one transaction; NotFound / InvalidInput for what an administrator got wrong -
 

@@ -91,7 +91,7 @@ class Snapshot:
     def active_alias(self, address: str) -> Alias | None:
         """The enabled alias for a lower-case address, in an enabled local domain."""
         alias = self.aliases.get(address)
-        if alias is None or not alias.enabled or not self.is_local(alias.domain):
+        if alias is None or not alias.enabled or not self.is_local(alias.domain.lower()):
             return None
         return alias
 

@@ -176,6 +176,10 @@ class SQLiteStore(Store):
         try:
             await self._conn.execute("BEGIN")
             try:
+                # What is loaded is the baseline of wait_for_change: a commit made after this
+                # point (even before wait_for_change is first called) is reported as a change.
+                async with self._conn.execute("PRAGMA data_version") as cur:
+                    (self._data_version,) = await cur.fetchone()
                 domains = [
                     Domain(name, bool(enabled), int(updated_at or 0))
                     async for name, enabled, updated_at in self._rows(
