@@ -1,7 +1,486 @@
-"""mailcloakctl (placeholder until the CLI lands)."""
+"""mailcloakctl: manage the domains, aliases and apps of mailcloak's database.
+
+The words, arguments and tab-separated list output are those of the Go project's mailcloakctl
+(COMPAT.md), so its users' scripts keep working. Choices made here, where the contract is silent:
+
+- **One data layer.** Every command goes through the async `Store` the daemon uses (one
+  `asyncio.run` per invocation); there is no second SQL layer. Lists are derived from
+  `Store.load()` (one consistent read); each write is one store call, i.e. one transaction, so a
+  failing command changes nothing. A running daemon notices the commit by itself within 2 s.
+- **Database.** `--db PATH`, or `--config PATH` (its `sqlite.path`), or the default
+  `/var/lib/mailcloak/state.db`; the two options exclude each other and are accepted before or
+  after the command words. Only `init` creates the file (and its folder) or migrates its schema.
+  `check` needs the config (it asks the configured IdP); without `--config` it reads
+  `/etc/mailcloak/config.yaml`.
+- **Output.** Write commands print nothing on success, as the Go tool did; `apps add --generate`
+  prints the new token alone on one line. Lists are sorted as COMPAT.md says (domains by name;
+  aliases by user then alias; apps by id, each followed by `<TAB><TAB>` and its allowed senders,
+  `addr (disabled)` for a disabled one, or `-`). `--json` on any list prints a JSON array of
+  objects instead; apps carry their senders and never their secret hash.
+- **Errors.** Every error is one line on stderr, `mailcloakctl: <what>`, and a non-zero exit:
+  1 for what the database or the arguments' values refused, 2 for a malformed command line,
+  130 when interrupted. Never a traceback. Warnings logged by the shared code (say, an alias row
+  the daemon would skip, seen by `check`) go to stderr as `mailcloakctl: WARNING: ...`.
+- **Input.** Domains and addresses are lower-cased and checked (`mailcloak.addresses`) where they
+  are created or enabled; `del` and `disable` only normalise, so a bad row written by hand can
+  still be removed. An alias target is an IdP username: case kept, no spaces, '@', commas or
+  control characters (the socketmap answers `target@domain`). `aliases list --user` matches the
+  user case-insensitively, as the policy does. App ids: surrounding whitespace stripped, case
+  kept, matched case-insensitively; a new id may not contain whitespace or control characters,
+  and `apps add` refuses one that differs from an existing id only in case, before it asks for
+  a password.
+- **App passwords.** Exactly one source: a `PASSWORD` argument (kept for compatibility; it shows
+  in `ps`), `--password-stdin` (everything read, one trailing newline, LF or CRLF, stripped),
+  `--generate` (`generate_token()`, 256 random bits, URL-safe), or, when none is given and
+  standard input is a terminal, a prompt asked twice with getpass. An empty or mismatched
+  password is refused; with no terminal and no source, the command fails and says how to give
+  one. Only the argon2id hash (`{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$...`) is stored.
+- **check.** `check --sasl-method M --sasl-user U --sender S --recipient R [--state RCPT|MAIL]`
+  builds the policy request Postfix would send and evaluates it with the daemon's own code
+  (`StateCache` for the snapshot, `PolicyService.evaluate` for facts and decision), then prints
+  `action: ...` and `rule: ...`. It exits 0 whatever the action.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import getpass
+import json
+import logging
+import os
+import re
 import sys
+from types import MappingProxyType
+from typing import Any, Callable, NoReturn
+
+from mailcloak import __version__
+from mailcloak.addresses import check_address, check_domain, is_safe_token, normalize
+from mailcloak.config import DEFAULT_CONFIG_PATH, DEFAULT_DB_PATH, Config, SQLiteConfig, load_config
+from mailcloak.errors import InvalidInput, MailcloakError
+from mailcloak.passwords import generate_token, hash_secret
+from mailcloak.store import Store, open_store
+from mailcloak.store.model import Rows
+
+PROG = "mailcloakctl"
+
+# A new app id: printable, no whitespace (it is a SASL login name).
+_APP_ID = re.compile(r"[^\s\x00-\x1f\x7f]+")
+_APP_ID_MAX = 255
 
 
-def main(argv=None) -> int:
-    print("mailcloakctl: not implemented yet", file=sys.stderr)
-    return 1
+class UsageError(Exception):
+    """The command line itself is malformed (exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# Output --------------------------------------------------------------------------------------
+
+
+def _out(line: str = "") -> None:
+    print(line, file=sys.stdout)
+
+
+def _json(items: list[dict[str, Any]]) -> None:
+    _out(json.dumps(items, indent=2, ensure_ascii=False))
+
+
+def _state(enabled: bool) -> str:
+    return "enabled" if enabled else "disabled"
+
+
+def _one_line(text: str) -> str:
+    """An error message as one printable line, whatever the input it quotes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+# Input ---------------------------------------------------------------------------------------
+
+
+def _lookup_domain(value: str) -> str:
+    domain = normalize(value)
+    if not domain:
+        raise InvalidInput("invalid domain: ''")
+    return domain
+
+
+def _lookup_address(value: str) -> str:
+    address = normalize(value)
+    if not address:
+        raise InvalidInput("invalid address: ''")
+    return address
+
+
+def _check_user(value: str) -> str:
+    user = value.strip()
+    if not is_safe_token(user) or "@" in user:
+        raise InvalidInput(
+            f"invalid user: {value!r} (an IdP username: no spaces, '@', commas or control characters)"
+        )
+    return user
+
+
+def _lookup_app(value: str) -> str:
+    app_id = value.strip()
+    if not app_id:
+        raise InvalidInput("invalid app id: ''")
+    return app_id
+
+
+def _check_new_app(value: str) -> str:
+    app_id = value.strip()
+    if not _APP_ID.fullmatch(app_id) or len(app_id) > _APP_ID_MAX:
+        raise InvalidInput(
+            f"invalid app id: {value!r} (1 to {_APP_ID_MAX} characters, no spaces or control characters)"
+        )
+    return app_id
+
+
+def _read_password(args: argparse.Namespace, app_id: str) -> str:
+    """The new secret from exactly one source (see the module docstring)."""
+    given = [args.password is not None, args.password_stdin, args.generate]
+    if sum(given) > 1:
+        raise InvalidInput("give the password one way only: PASSWORD, --password-stdin or --generate")
+    if args.generate:
+        return generate_token()
+    if args.password is not None:
+        secret = args.password
+    elif args.password_stdin:
+        secret = sys.stdin.read()
+        if secret.endswith("\n"):
+            secret = secret[:-1]
+            if secret.endswith("\r"):
+                secret = secret[:-1]
+    elif sys.stdin is not None and sys.stdin.isatty():
+        try:
+            secret = getpass.getpass(f"Password for app {app_id}: ")
+            if secret:
+                again = getpass.getpass("Repeat the password: ")
+                if again != secret:
+                    raise InvalidInput("passwords do not match; nothing changed")
+        except EOFError:
+            raise InvalidInput("no password entered; nothing changed") from None
+    else:
+        raise InvalidInput(
+            "no password given and standard input is not a terminal: "
+            "use --password-stdin, --generate or a PASSWORD argument"
+        )
+    if not secret:
+        raise InvalidInput("empty password refused")
+    return secret
+
+
+# Commands ------------------------------------------------------------------------------------
+
+Command = Callable[[Store, argparse.Namespace], Any]
+
+
+async def _domains_list(store: Store, args: argparse.Namespace) -> None:
+    rows = await store.load()
+    domains = sorted(rows.domains, key=lambda d: d.name)
+    if args.json:
+        _json([{"domain": d.name, "enabled": d.enabled, "updated_at": d.updated_at} for d in domains])
+        return
+    for d in domains:
+        _out(f"{d.name}\t{_state(d.enabled)}")
+
+
+async def _domains_add(store: Store, args: argparse.Namespace) -> None:
+    await store.add_domain(check_domain(args.domain))
+
+
+async def _domains_del(store: Store, args: argparse.Namespace) -> None:
+    await store.delete_domain(_lookup_domain(args.domain))
+
+
+async def _domains_enable(store: Store, args: argparse.Namespace) -> None:
+    await store.set_domain_enabled(check_domain(args.domain), True)
+
+
+async def _domains_disable(store: Store, args: argparse.Namespace) -> None:
+    await store.set_domain_enabled(_lookup_domain(args.domain), False)
+
+
+async def _aliases_list(store: Store, args: argparse.Namespace) -> None:
+    rows = await store.load()
+    aliases = sorted(rows.aliases, key=lambda a: (a.target_user, a.address))
+    if args.user is not None:
+        user = args.user.strip().lower()
+        aliases = [a for a in aliases if a.target_user.lower() == user]
+    if args.json:
+        _json([
+            {"alias": a.address, "user": a.target_user, "domain": a.domain, "enabled": a.enabled,
+             "updated_at": a.updated_at}
+            for a in aliases
+        ])
+        return
+    for a in aliases:
+        _out(f"{a.address}\t{a.target_user}\t{_state(a.enabled)}")
+
+
+async def _aliases_add(store: Store, args: argparse.Namespace) -> None:
+    await store.add_alias(check_address(args.alias), _check_user(args.user))
+
+
+async def _aliases_del(store: Store, args: argparse.Namespace) -> None:
+    await store.delete_alias(_lookup_address(args.alias))
+
+
+async def _aliases_enable(store: Store, args: argparse.Namespace) -> None:
+    await store.set_alias_enabled(check_address(args.alias), True)
+
+
+async def _aliases_disable(store: Store, args: argparse.Namespace) -> None:
+    await store.set_alias_enabled(_lookup_address(args.alias), False)
+
+
+async def _apps_list(store: Store, args: argparse.Namespace) -> None:
+    rows = await store.load()
+    apps = sorted(rows.apps, key=lambda a: a.app_id)
+    if args.json:
+        _json([
+            {"app_id": a.app_id, "enabled": a.enabled, "updated_at": a.updated_at,
+             "senders": [{"address": s.address, "enabled": s.enabled}
+                         for s in sorted(a.senders, key=lambda s: s.address)]}
+            for a in apps
+        ])
+        return
+    for a in apps:
+        _out(f"{a.app_id}\t{_state(a.enabled)}\t{a.updated_at}")
+        senders = [s.address if s.enabled else f"{s.address} (disabled)"
+                   for s in sorted(a.senders, key=lambda s: s.address)]
+        _out("\t\t" + (", ".join(senders) if senders else "-"))
+
+
+def _case_clash(rows: Rows, app_id: str) -> str | None:
+    for app in rows.apps:
+        if app.app_id != app_id and app.app_id.lower() == app_id.lower():
+            return app.app_id
+    return None
+
+
+async def _apps_add(store: Store, args: argparse.Namespace) -> None:
+    app_id = _check_new_app(args.app)
+    # Refuse a case clash before asking for a password; the store refuses it again, atomically.
+    clash = _case_clash(await store.load(), app_id)
+    if clash is not None:
+        raise InvalidInput(f"app id {app_id!r} differs from existing app {clash!r} only in case")
+    secret = _read_password(args, app_id)
+    await store.add_app(app_id, hash_secret(secret))
+    if args.generate:
+        _out(secret)
+
+
+async def _apps_del(store: Store, args: argparse.Namespace) -> None:
+    await store.delete_app(_lookup_app(args.app))
+
+
+async def _apps_enable(store: Store, args: argparse.Namespace) -> None:
+    await store.set_app_enabled(_lookup_app(args.app), True)
+
+
+async def _apps_disable(store: Store, args: argparse.Namespace) -> None:
+    await store.set_app_enabled(_lookup_app(args.app), False)
+
+
+async def _apps_allow(store: Store, args: argparse.Namespace) -> None:
+    await store.allow_sender(_lookup_app(args.app), check_address(args.address))
+
+
+async def _apps_disallow(store: Store, args: argparse.Namespace) -> None:
+    await store.disallow_sender(_lookup_app(args.app), _lookup_address(args.address))
+
+
+async def _check(store: Store, args: argparse.Namespace, config: Config) -> None:
+    """Evaluate one policy request with the daemon's own code (see the module docstring)."""
+    # The daemon's modules, imported only here: `check` is the one command that needs them.
+    from mailcloak.daemon import extra_local_domains
+    from mailcloak.idp import build_provider
+    from mailcloak.policy.codec import PolicyRequest
+    from mailcloak.policy.server import PolicyService
+    from mailcloak.runtime import Runtime, RuntimeRef
+    from mailcloak.state import StateCache
+
+    attributes = {"request": "smtpd_access_policy", "protocol_state": args.state}
+    if args.sasl_method:
+        attributes["sasl_method"] = args.sasl_method
+    if args.sasl_user:
+        attributes["sasl_username"] = args.sasl_user
+    attributes["sender"] = args.sender
+    attributes["recipient"] = args.recipient if args.state == "RCPT" else ""
+    request = PolicyRequest(MappingProxyType(attributes))
+
+    state = StateCache(store, extra_local_domains(config))
+    await state.load()
+    idp = build_provider(config)
+    try:
+        decision = await PolicyService(RuntimeRef(Runtime(config, idp, state))).evaluate(request)
+    finally:
+        await idp.close()
+    _out(f"action: {decision.action}")
+    _out(f"rule: {decision.rule}")
+
+
+# Command line --------------------------------------------------------------------------------
+
+
+def _state_arg(value: str) -> str:
+    state = value.strip().upper()
+    if state not in ("RCPT", "MAIL"):
+        raise argparse.ArgumentTypeError(f"invalid state {value!r} (choose RCPT or MAIL)")
+    return state
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # --db / --config are accepted before or after the command words; SUPPRESS keeps a value
+    # given before the words from being reset by a sub-parser's default.
+    common = _Parser(add_help=False)
+    common.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS,
+                        help=f"SQLite database (default {DEFAULT_DB_PATH})")
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                        help="mailcloak config file; its sqlite.path is the database")
+    parser = _Parser(prog=PROG, parents=[common],
+                     description="Manage mailcloak's domains, aliases and apps.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True, parser_class=_Parser)
+
+    def leaf(sub, name: str, func, help_text: str, *arguments, **kw) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+        for arg in arguments:
+            p.add_argument(arg[0], **arg[1])
+        p.set_defaults(func=func, **kw)
+        return p
+
+    leaf(groups, "init", None, "create the database (and its folder) or bring its schema up to date",
+         init=True)
+
+    domains = groups.add_parser("domains", parents=[common], help="local mail domains")
+    dsub = domains.add_subparsers(dest="cmd", metavar="ACTION", required=True, parser_class=_Parser)
+    leaf(dsub, "list", _domains_list, "list domains (domain<TAB>enabled|disabled)",
+         ("--json", {"action": "store_true", "help": "print a JSON array"}))
+    domain_arg = ("domain", {"metavar": "DOMAIN"})
+    leaf(dsub, "add", _domains_add, "add a domain, or re-enable it", domain_arg)
+    leaf(dsub, "del", _domains_del, "delete a domain and its aliases", domain_arg)
+    leaf(dsub, "enable", _domains_enable, "enable a domain", domain_arg)
+    leaf(dsub, "disable", _domains_disable, "disable a domain", domain_arg)
+
+    aliases = groups.add_parser("aliases", parents=[common], help="aliases of IdP users")
+    asub = aliases.add_subparsers(dest="cmd", metavar="ACTION", required=True, parser_class=_Parser)
+    leaf(asub, "list", _aliases_list, "list aliases (alias<TAB>user<TAB>enabled|disabled)",
+         ("--user", {"metavar": "USER", "help": "only this IdP user's aliases"}),
+         ("--json", {"action": "store_true", "help": "print a JSON array"}))
+    alias_arg = ("alias", {"metavar": "ALIAS"})
+    leaf(asub, "add", _aliases_add, "add an alias for an IdP user, or update and re-enable it",
+         alias_arg, ("user", {"metavar": "USER"}))
+    leaf(asub, "del", _aliases_del, "delete an alias", alias_arg)
+    leaf(asub, "enable", _aliases_enable, "enable an alias", alias_arg)
+    leaf(asub, "disable", _aliases_disable, "disable an alias", alias_arg)
+
+    apps = groups.add_parser("apps", parents=[common], help="applications that send with a password")
+    psub = apps.add_subparsers(dest="cmd", metavar="ACTION", required=True, parser_class=_Parser)
+    leaf(psub, "list", _apps_list, "list apps and the addresses they may send as",
+         ("--json", {"action": "store_true", "help": "print a JSON array"}))
+    app_arg = ("app", {"metavar": "APP"})
+    leaf(psub, "add", _apps_add,
+         "add an app or replace its password (asked on the terminal when not given)",
+         app_arg,
+         ("password", {"metavar": "PASSWORD", "nargs": "?", "default": None,
+                       "help": "the password (visible to other users in ps; prefer the prompt "
+                               "or --password-stdin)"}),
+         ("--password-stdin", {"action": "store_true",
+                               "help": "read the password from standard input"}),
+         ("--generate", {"action": "store_true",
+                         "help": "generate a random token and print it on standard output"}))
+    leaf(psub, "del", _apps_del, "delete an app", app_arg)
+    leaf(psub, "enable", _apps_enable, "enable an app", app_arg)
+    leaf(psub, "disable", _apps_disable, "disable an app", app_arg)
+    addr_arg = ("address", {"metavar": "ADDR"})
+    leaf(psub, "allow", _apps_allow, "allow an app to send as an address", app_arg, addr_arg)
+    leaf(psub, "disallow", _apps_disallow, "withdraw an address from an app", app_arg, addr_arg)
+
+    leaf(groups, "check", _check, "show what the policy service would answer to a request",
+         ("--sasl-method", {"metavar": "M", "default": "", "help": "e.g. XOAUTH2, PLAIN; none: unauthenticated"}),
+         ("--sasl-user", {"metavar": "U", "default": ""}),
+         ("--sender", {"metavar": "S", "default": "", "help": "envelope sender (empty: null sender)"}),
+         ("--recipient", {"metavar": "R", "default": ""}),
+         ("--state", {"metavar": "RCPT|MAIL", "type": _state_arg, "default": "RCPT"}),
+         check=True)
+    return parser
+
+
+def _config_for(args: argparse.Namespace) -> Config:
+    db = getattr(args, "db", None)
+    config_path = getattr(args, "config", None)
+    if db is not None and config_path is not None:
+        raise UsageError("give either --db or --config, not both")
+    if getattr(args, "check", False):
+        if db is not None:
+            raise UsageError("check needs --config PATH (it asks the configured identity provider)")
+        return load_config(config_path or DEFAULT_CONFIG_PATH)
+    if config_path is not None:
+        return load_config(config_path)
+    path = os.path.expanduser(db) if db is not None else DEFAULT_DB_PATH
+    if not path:
+        raise UsageError("--db needs a path")
+    return dataclasses.replace(Config(), sqlite=SQLiteConfig(path=path))
+
+
+async def _run(args: argparse.Namespace, config: Config) -> None:
+    if getattr(args, "init", False):
+        store = await open_store(config, create=True)
+        await store.close()
+        return
+    store = await open_store(config)
+    try:
+        if getattr(args, "check", False):
+            await _check(store, args, config)
+        else:
+            await args.func(store, args)
+    finally:
+        await store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Warnings of the shared code (e.g. a database row the daemon would skip) as prefixed lines.
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING,
+                        format=f"{PROG}: %(levelname)s: %(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+        config = _config_for(args)
+        asyncio.run(_run(args, config))
+        sys.stdout.flush()
+        return 0
+    except UsageError as exc:
+        print(f"{PROG}: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except MailcloakError as exc:
+        print(f"{PROG}: {_one_line(str(exc))}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # stdout closed early (`mailcloakctl aliases list | head`): quiet, like other tools.
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 1
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except OSError as exc:
+        print(f"{PROG}: {_one_line(exc.strerror or str(exc))}"
+              + (f": {_one_line(str(exc.filename))}" if exc.filename else ""), file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - the contract is one line, never a traceback
+        print(f"{PROG}: internal error: {type(exc).__name__}: {_one_line(str(exc))}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
