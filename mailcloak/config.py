@@ -95,6 +95,11 @@ class PolicyConfig:
     # Obsolete single-domain key of the Go daemon: treated as one more enabled local domain.
     domain: str = ""
 
+    @property
+    def extra_local_domains(self) -> frozenset[str]:
+        """Domains local by config rather than by the `domains` table (legacy `policy.domain`)."""
+        return frozenset({self.domain.strip().lower()}) if self.domain.strip() else frozenset()
+
 
 @dataclass(frozen=True)
 class SocketsConfig:

@@ -299,7 +299,6 @@ async def _apps_disallow(store: Store, args: argparse.Namespace) -> None:
 async def _check(store: Store, args: argparse.Namespace, config: Config) -> None:
     """Evaluate one policy request with the daemon's own code (see the module docstring)."""
     # The daemon's modules, imported only here: `check` is the one command that needs them.
-    from mailcloak.daemon import extra_local_domains
     from mailcloak.idp import build_provider
     from mailcloak.policy.codec import PolicyRequest
     from mailcloak.policy.server import PolicyService
@@ -315,7 +314,7 @@ async def _check(store: Store, args: argparse.Namespace, config: Config) -> None
     attributes["recipient"] = args.recipient if args.state == "RCPT" else ""
     request = PolicyRequest(MappingProxyType(attributes))
 
-    state = StateCache(store, extra_local_domains(config))
+    state = StateCache(store, config.policy.extra_local_domains)
     await state.load()
     idp = build_provider(config)
     try:

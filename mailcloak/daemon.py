@@ -37,15 +37,11 @@ from mailcloak.unixserver import SocketInUse, UnixServer, bind_unix_socket, reso
 log = logging.getLogger("mailcloak")
 
 
-def extra_local_domains(config: Config) -> frozenset[str]:
-    return frozenset({config.policy.domain.lower()}) if config.policy.domain else frozenset()
-
-
 async def _state_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     store = await open_store(config)
     try:
-        state = StateCache(store, extra_local_domains(config))
+        state = StateCache(store, config.policy.extra_local_domains)
         await state.load()
         state.start()
         app[STATE] = state
@@ -127,7 +123,7 @@ async def reload(app: web.Application) -> None:
         if getattr(config, key) != getattr(old.config, key):
             log.warning("reload: changes under %s take effect at the next restart", key)
     logs.set_level(config.daemon.log_level)
-    old.state.set_extra_local_domains(extra_local_domains(config))
+    old.state.set_extra_local_domains(config.policy.extra_local_domains)
     ref.current = Runtime(config, idp, old.state)
     old.state.request_reload()
     log.info("configuration reloaded")
