@@ -12,7 +12,14 @@ def build_provider(config: Config) -> IdentityProvider:
         from mailcloak.idp.static import StaticProvider
 
         return StaticProvider(config.idp.static)
-    # Keycloak and Authentik clients are their own issue; until they land, refuse clearly.
+    if provider == "keycloak":
+        from mailcloak.idp.keycloak import KeycloakProvider
+
+        return KeycloakProvider(config.idp.keycloak)
+    if provider == "authentik":
+        from mailcloak.idp.authentik import AuthentikProvider
+
+        return AuthentikProvider(config.idp.authentik)
     from mailcloak.errors import ConfigError
 
     raise ConfigError(f"idp.provider {provider} is not available in this version of mailcloak")

@@ -49,5 +49,10 @@ class IdentityProvider(ABC):
         """
         return None
 
+    async def probe(self) -> str:
+        """For --check-config: one real exchange with the IdP; a short summary, or IdPError saying
+        what to fix (unreachable, bad credentials, missing permissions, unknown realm)."""
+        return "ok"
+
     async def close(self) -> None:
         """Release resources; the default provider holds none."""

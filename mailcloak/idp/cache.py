@@ -1,0 +1,208 @@
+"""A provider-independent lookup cache for IdP answers: bounded, coalescing, fault-tolerant.
+
+- **Bounded**: at most `max_entries` answers (least recently used go first), each kept until its
+  TTL (`ttl` for a user, the shorter `negative_ttl` for "no such user") plus the
+  stale-if-error window, then dropped.
+- **Coalesced**: concurrent lookups of one key share ONE request to the IdP. The shared fetch runs
+  as its own task and every caller awaits it through `asyncio.shield`, so a caller cancelled by
+  its own deadline (the policy's `asyncio.timeout_at`) does not cancel it for the others; its
+  answer still lands in the cache for the next request.
+- **Stale-if-error**: while the IdP fails, a *positive* answer that expired less than
+  `stale_if_error` seconds ago is still returned. A cached "no such user" is not served stale by
+  default: a user created during the outage would otherwise get mail bounced permanently (550)
+  instead of deferred (451), and a deferral costs nothing.
+- **Quiet logs**: one line per kind of IdP failure and one per recovery, one line when stale
+  answers start being served (see `FailureLog`), never one per request.
+- **Counters** in `counters` (and errors by kind in `errors`), plain dicts a metrics endpoint
+  can read.
+
+The clock is injectable (`clock`, seconds, monotonic) so tests move time instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Awaitable, Callable, Hashable
+
+from cachetools import TLRUCache
+
+from mailcloak.errors import IdPError
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+def error_kind(exc: BaseException) -> str:
+    """The short, stable kind of an IdP failure ("timeout", "http 500", ...), for logs and counters."""
+    return getattr(exc, "kind", "") or str(exc) or type(exc).__name__
+
+
+class FailureLog:
+    """Logs an IdP outage once: one line per new kind of failure, one at recovery.
+
+    Shared by the caches of one provider, so a Keycloak that is down is reported once and not once
+    per cache. An IdP that flaps (fails, answers, fails again) logs a kind of failure at most once
+    per `quiet_seconds`, and a recovery only after a logged failure, so that a flapping IdP cannot
+    turn these lines into one per request either.
+    """
+
+    def __init__(self, name: str, logger: logging.Logger | None = None, *,
+                 clock: Clock = time.monotonic, quiet_seconds: float = 60):
+        self.name = name
+        self.kinds: dict[str, int] = {}     # kinds of failure seen in the current outage → count
+        self._logged_at: dict[str, float] = {}
+        self._outage_logged = False
+        self._stale_logged = False
+        self._clock = clock
+        self._quiet = quiet_seconds
+        self._log = logger or log
+
+    @property
+    def failing(self) -> bool:
+        return bool(self.kinds)
+
+    def failed(self, exc: BaseException) -> None:
+        kind = error_kind(exc)
+        if kind not in self.kinds:
+            self.kinds[kind] = 0
+            now = self._clock()
+            last = self._logged_at.get(kind)
+            if last is None or now - last >= self._quiet:
+                self._logged_at[kind] = now
+                self._outage_logged = True
+                self._log.warning("%s: IdP lookups failing: %s", self.name, exc)
+        self.kinds[kind] += 1
+
+    def serving_stale(self, window: float) -> None:
+        if not self._stale_logged:
+            self._stale_logged = True
+            self._log.warning("%s: answering from cached entries up to %gs past their TTL while the "
+                              "IdP fails", self.name, window)
+
+    def recovered(self) -> None:
+        if self.kinds and self._outage_logged:
+            summary = ", ".join(f"{kind} x{count}" for kind, count in self.kinds.items())
+            self._log.warning("%s: IdP answers again (failures during the outage: %s)", self.name, summary)
+        self.kinds = {}
+        self._outage_logged = False
+        self._stale_logged = False
+
+
+@dataclass(slots=True)
+class _Entry:
+    value: Any
+    fresh_until: float
+    stale_until: float
+
+
+class LookupCache:
+    """Cache of one kind of IdP answer; `get(key, fetch)` is the only way in."""
+
+    def __init__(self, name: str, *, ttl: float, negative_ttl: float, stale_if_error: float,
+                 max_entries: int, clock: Clock = time.monotonic,
+                 failures: FailureLog | None = None, stale_negative: bool = False):
+        self.name = name
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
+        self.stale_if_error = stale_if_error
+        self.max_entries = max_entries
+        self.stale_negative = stale_negative
+        self._clock = clock
+        self.failures = failures or FailureLog(name, clock=clock)
+        self._entries: TLRUCache | None = (
+            TLRUCache(maxsize=max_entries, ttu=lambda _key, entry, _now: entry.stale_until, timer=clock)
+            if max_entries > 0 else None
+        )
+        self._inflight: dict[Hashable, asyncio.Future] = {}
+        # requests: fetches sent to the IdP; hits: answered fresh from the cache; misses: not
+        # fresh (coalesced counts the misses that joined a fetch already in flight); stale:
+        # answers served past their TTL because the IdP failed; errors: failed fetches.
+        self.counters: dict[str, int] = {
+            "requests": 0, "hits": 0, "misses": 0, "coalesced": 0, "stale": 0, "errors": 0,
+        }
+        self.errors: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries) if self._entries is not None else 0
+
+    def clear(self) -> None:
+        if self._entries is not None:
+            self._entries.clear()
+
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    async def get(self, key: Hashable, fetch: Callable[[], Awaitable[Any]],
+                  ttl_of: Callable[[Any], float | None] | None = None) -> Any:
+        """The cached answer for `key`, or the result of `fetch()` (shared with concurrent callers).
+
+        `fetch` returns the answer (None for "no such user") or raises IdPError. `ttl_of(answer)`
+        may choose the TTL of one answer (None: the default for its kind).
+        """
+        entry = self._entries.get(key) if self._entries is not None else None
+        if entry is not None and self._clock() < entry.fresh_until:
+            self.counters["hits"] += 1
+            return entry.value
+        self.counters["misses"] += 1
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._refresh(key, fetch, ttl_of))
+            self._inflight[key] = task
+            task.add_done_callback(partial(self._settled, key))
+        else:
+            self.counters["coalesced"] += 1
+        value, stale = await asyncio.shield(task)
+        if stale:
+            self.counters["stale"] += 1
+        return value
+
+    def _settled(self, key: Hashable, task: asyncio.Future) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # retrieved here, so a fetch nobody awaits any more logs no warning
+
+    async def _refresh(self, key: Hashable, fetch: Callable[[], Awaitable[Any]],
+                       ttl_of: Callable[[Any], float | None] | None) -> tuple[Any, bool]:
+        self.counters["requests"] += 1
+        try:
+            value = await fetch()
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an IdPError for the caller
+            if not isinstance(exc, IdPError):
+                log.error("%s: unexpected error in an IdP lookup", self.name, exc_info=exc)
+                failure = IdPError(f"{self.name}: internal error ({type(exc).__name__})")
+                failure.kind = "internal error"  # type: ignore[attr-defined]
+                exc = failure
+            kind = error_kind(exc)
+            self.counters["errors"] += 1
+            self.errors[kind] = self.errors.get(kind, 0) + 1
+            self.failures.failed(exc)
+            entry = self._entries.get(key) if self._entries is not None else None
+            if (entry is not None and self._clock() < entry.stale_until
+                    and (entry.value is not None or self.stale_negative)):
+                self.failures.serving_stale(self.stale_if_error)
+                return entry.value, True
+            raise exc from None
+        self.failures.recovered()
+        self._store(key, value, ttl_of)
+        return value, False
+
+    def _store(self, key: Hashable, value: Any, ttl_of: Callable[[Any], float | None] | None) -> None:
+        if self._entries is None:
+            return
+        ttl = ttl_of(value) if ttl_of is not None else None
+        if ttl is None:
+            ttl = self.ttl if value is not None else self.negative_ttl
+        if ttl <= 0:
+            self._entries.pop(key, None)
+            return
+        now = self._clock()
+        keep_stale = value is not None or self.stale_negative
+        fresh_until = now + ttl
+        self._entries[key] = _Entry(value, fresh_until,
+                                    fresh_until + (self.stale_if_error if keep_stale else 0))
