@@ -136,7 +136,8 @@ async def reload(app: web.Application) -> None:
 async def serve(config: Config, config_path: str, ready: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT. Raises MailcloakError for anything that prevents starting."""
     app = build_app(config, config_path)
-    runner = web.AppRunner(app, handle_signals=False)
+    # No access log: one line per Dovecot login would be a log line per request on the hot path.
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     background: set[asyncio.Task] = set()

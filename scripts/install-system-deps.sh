@@ -1,5 +1,6 @@
 #!/bin/sh
-# Installs the real Postfix and Dovecot 2.3 that the end-to-end tests drive, from Debian's packages.
+# Installs the real Postfix and Dovecot 2.3 that the end-to-end tests drive (and lua5.4 for the
+# Lua script's unit tests), from Debian's packages.
 # Only as root and only what is missing; elsewhere the e2e tests skip with a loud reason.
 set -eu
 if [ "$(id -u)" != 0 ]; then
@@ -12,6 +13,7 @@ missing=""
 [ -x /usr/sbin/dovecot ] || missing="$missing dovecot-core"
 [ -e /usr/lib/dovecot/modules/auth/libauthdb_lua.so ] || missing="$missing dovecot-auth-lua"
 [ -x /usr/lib/dovecot/imap ] || missing="$missing dovecot-imapd"
+command -v lua5.4 >/dev/null 2>&1 || missing="$missing lua5.4"   # runs dovecot/mailcloak.lua in unit tests
 [ -z "$missing" ] && exit 0
 echo "install-system-deps: installing$missing" >&2
 echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections

@@ -1,9 +1,37 @@
-"""Routes of the daemon's HTTP listener. `setup_http` adds them to the daemon's application."""
+"""Routes of the daemon's HTTP listener. `setup_http` adds them to the daemon's application.
+
+- `POST /dovecot/passdb` — app passwords for the Lua passdb (`mailcloak.http.passdb`);
+- `POST /oauth2/introspect` — users' IdP tokens for Dovecot's oauth2 passdb
+  (`mailcloak.http.introspect`).
+"""
 
 from __future__ import annotations
 
+from typing import AsyncIterator
+
 from aiohttp import web
+
+from mailcloak.appkeys import CONFIG
+from mailcloak.apps_auth import AppAuthenticator
+from mailcloak.http import introspect
+from mailcloak.http.passdb import PATH as PASSDB_PATH
+from mailcloak.http.passdb import PassdbEndpoint, SharedSecret
+
+PASSDB = web.AppKey("passdb", PassdbEndpoint)
+
+
+async def _passdb_ctx(app: web.Application) -> AsyncIterator[None]:
+    endpoint = app[PASSDB]
+    endpoint.secret.load()                 # ConfigError (one line) stops the start
+    await endpoint.authenticator.prepare()
+    yield
+    await endpoint.authenticator.close()
 
 
 def setup_http(app: web.Application) -> None:
     """Register the HTTP routes and their cleanup contexts on the daemon's application."""
+    endpoint = PassdbEndpoint(AppAuthenticator(), SharedSecret(app[CONFIG].http.shared_secret_file))
+    app[PASSDB] = endpoint
+    app.cleanup_ctx.append(_passdb_ctx)
+    app.router.add_post(PASSDB_PATH, endpoint.handle, expect_handler=endpoint.expect)
+    app.router.add_post(introspect.PATH, introspect.handle)

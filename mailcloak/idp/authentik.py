@@ -62,6 +62,9 @@ class AuthentikProvider(IdentityProvider):
     def http_requests(self) -> dict[str, int]:
         return self._http.requests
 
+    def health(self) -> dict[str, Any]:
+        return {"ok": not self.failures.failing, "failing": sorted(self.failures.kinds)}
+
     def stats(self) -> dict[str, Any]:
         return {"http_requests": dict(self._http.requests), "lookups": dict(self.cache.counters),
                 "lookup_errors": dict(self.cache.errors)}

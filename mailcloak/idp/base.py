@@ -54,5 +54,14 @@ class IdentityProvider(ABC):
         what to fix (unreachable, bad credentials, missing permissions, unknown realm)."""
         return "ok"
 
+    def stats(self) -> dict:
+        """Counters for /metrics: `http_requests` per endpoint, `lookups` by cache outcome,
+        `lookup_errors` by kind. A provider without requests or a cache has none."""
+        return {}
+
+    def health(self) -> dict:
+        """For /healthz: `ok`, and the kinds of failure of a current outage."""
+        return {"ok": True}
+
     async def close(self) -> None:
         """Release resources; the default provider holds none."""

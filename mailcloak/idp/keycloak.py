@@ -100,6 +100,9 @@ class KeycloakProvider(IdentityProvider):
         """HTTP requests sent, per endpoint: token, users, introspect."""
         return self._http.requests
 
+    def health(self) -> dict[str, Any]:
+        return {"ok": not self.failures.failing, "failing": sorted(self.failures.kinds)}
+
     def stats(self) -> dict[str, Any]:
         return {"http_requests": dict(self._http.requests), "lookups": dict(self.cache.counters),
                 "lookup_errors": dict(self.cache.errors),

@@ -1,0 +1,323 @@
+"""App-password authentication for Dovecot (SPEC §8): the rules, a verification cache, a throttle.
+
+No HTTP here: `mailcloak.http.passdb` turns a request into `AppAuthenticator.authenticate(...)`
+and its `AuthOutcome` into the answer the Lua passdb script reads.
+
+Rules, in this order (every branch that can be reached without the right password costs one
+argon2id verification, so neither the answer nor its timing tells an app id apart from an
+unknown login):
+
+1. the (login, remote IP) pair is throttled after repeated failures: wait, then go on;
+2. unknown login → verify against a dummy hash, answer `user_unknown`;
+3. wrong password → `password_mismatch`;
+4. right password, app disabled → `user_disabled`;
+5. right password, service other than `smtp`/`submission` (IMAP, POP3, ManageSieve, doveadm, …)
+   → `user_disabled` (apps send mail; they never read it);
+6. otherwise `ok`.
+
+argon2id (~50-300 ms, 64 MiB, memory-bound) runs in a small dedicated thread pool, never on the
+event loop. The queue in front of it is bounded: when the verifications already waiting would
+take longer than `max_queue_seconds` (8 s, estimated from the measured duration of recent ones;
+the Lua client gives up after 10 s), or `max_pending` are waiting, the answer is
+`internal_failure` (Dovecot: temporary failure) at once rather than after Dovecot's own request
+timeout. Logins answered from the cache never wait in that queue.
+
+A successful verification is remembered for `VERIFY_CACHE_SECONDS` (60 s) under an HMAC-SHA256 (random
+per-process key) of the app's row (id, secret_hash, enabled, updated_at) and the password: the
+password cannot be recovered from the cache, and any change to the row (new secret, disabled,
+touched) makes the next login miss and verify again. Failures are never cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import time
+from collections import Counter, OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from cachetools import TTLCache
+
+from mailcloak.passwords import hash_secret, verify_secret
+from mailcloak.store.model import App, Snapshot
+
+log = logging.getLogger(__name__)
+
+# Services apps may authenticate for (Dovecot's `service`/`protocol` field, lower-cased).
+SENDING_SERVICES = frozenset({"smtp", "submission"})
+
+# How long a successful verification is remembered (seconds; 0 turns the cache off).
+VERIFY_CACHE_SECONDS = 60.0
+VERIFY_CACHE_SIZE = 10_000
+
+
+class Result(str, enum.Enum):
+    """What the Lua script maps onto `dovecot.auth.PASSDB_RESULT_*`."""
+
+    OK = "ok"
+    PASSWORD_MISMATCH = "password_mismatch"
+    USER_UNKNOWN = "user_unknown"
+    USER_DISABLED = "user_disabled"
+    INTERNAL_FAILURE = "internal_failure"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthOutcome:
+    result: Result
+    reason: str = ""
+    app_id: str = ""          # the app's id as stored (case kept), when the login named one
+    cached: bool = False      # the password check came from the verification cache
+    delayed: float = 0.0      # seconds the throttle made this attempt wait
+
+
+# --- throttle ---------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Failures:
+    count: int
+    last: float
+
+
+class FailureThrottle:
+    """Growing delay for repeated failures from one (login, remote IP); bounded memory.
+
+    The first `free_failures` failures cost nothing extra; after that each attempt from the pair
+    waits `base_delay * 2**(failures - free_failures)` seconds, capped at `max_delay`, before it
+    is even checked (so an attacker cannot cut the wait short on a wrong guess). A success, or
+    `forget_after` seconds without a failure, clears the pair. At most `max_entries` pairs are
+    tracked; the least recently failed one is dropped first.
+    """
+
+    def __init__(self, *, free_failures: int = 3, base_delay: float = 0.5, max_delay: float = 5.0,
+                 forget_after: float = 900.0, max_entries: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic):
+        self.free_failures = free_failures
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.forget_after = forget_after
+        self.max_entries = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[tuple[str, str], _Failures] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @staticmethod
+    def key(login: str, remote_ip: str) -> tuple[str, str]:
+        return (login.lower(), remote_ip)
+
+    def failures(self, login: str, remote_ip: str) -> int:
+        entry = self._live(self.key(login, remote_ip))
+        return entry.count if entry else 0
+
+    def delay(self, login: str, remote_ip: str) -> float:
+        """Seconds the next attempt of this pair must wait (0 when not throttled)."""
+        return self.delay_for(self.failures(login, remote_ip))
+
+    def delay_for(self, failures: int) -> float:
+        over = failures - self.free_failures
+        if over < 0:
+            return 0.0
+        return min(self.max_delay, self.base_delay * (2 ** min(over, 32)))
+
+    def record_failure(self, login: str, remote_ip: str) -> int:
+        """Count a failure; returns the pair's failure count."""
+        key = self.key(login, remote_ip)
+        now = self._clock()
+        entry = self._live(key)
+        if entry is None:
+            entry = _Failures(0, now)
+            self._entries[key] = entry
+        entry.count += 1
+        entry.last = now
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return entry.count
+
+    def record_success(self, login: str, remote_ip: str) -> None:
+        self._entries.pop(self.key(login, remote_ip), None)
+
+    def _live(self, key: tuple[str, str]) -> _Failures | None:
+        entry = self._entries.get(key)
+        if entry is not None and self._clock() - entry.last > self.forget_after:
+            del self._entries[key]
+            return None
+        return entry
+
+
+# --- verification cache -----------------------------------------------------------------------
+
+
+class VerificationCache:
+    """Successful (app row, password) verifications, for `ttl` seconds; nothing recoverable."""
+
+    def __init__(self, ttl: float | None = None, maxsize: int = VERIFY_CACHE_SIZE,
+                 clock: Callable[[], float] = time.monotonic):
+        ttl = VERIFY_CACHE_SECONDS if ttl is None else ttl
+        self.ttl = ttl
+        self._key = secrets.token_bytes(32)
+        self._cache: TTLCache | None = TTLCache(maxsize, ttl, timer=clock) if ttl > 0 else None
+
+    def __len__(self) -> int:
+        return len(self._cache) if self._cache is not None else 0
+
+    def _digest(self, app: App, password: str) -> bytes:
+        mac = hmac.new(self._key, digestmod=hashlib.sha256)
+        for part in (app.app_id.lower(), app.secret_hash, "1" if app.enabled else "0",
+                     str(app.updated_at)):
+            data = part.encode("utf-8", "surrogatepass")
+            mac.update(len(data).to_bytes(4, "big") + data)
+        mac.update(password.encode("utf-8", "surrogatepass"))
+        return mac.digest()
+
+    def hit(self, app: App, password: str) -> bool:
+        return self._cache is not None and self._digest(app, password) in self._cache
+
+    def remember(self, app: App, password: str) -> None:
+        if self._cache is not None:
+            self._cache[self._digest(app, password)] = True
+
+    def clear(self) -> None:
+        if self._cache is not None:
+            self._cache.clear()
+
+
+# --- the authenticator ------------------------------------------------------------------------
+
+Verifier = Callable[[str, str], bool]          # (stored hash, password) -> matches
+
+
+class AppAuthenticator:
+    """Decides one PLAIN/LOGIN attempt against the apps table. One per daemon process."""
+
+    def __init__(self, *, verify: Verifier = verify_secret, cache: VerificationCache | None = None,
+                 throttle: FailureThrottle | None = None, workers: int | None = None,
+                 max_pending: int = 64, max_queue_seconds: float = 8.0,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 dummy_hash: str | None = None):
+        self._verify = verify
+        self.cache = cache if cache is not None else VerificationCache()
+        self.throttle = throttle if throttle is not None else FailureThrottle()
+        self._workers = workers or max(1, min(4, os.cpu_count() or 1))
+        self._executor: ThreadPoolExecutor | None = None
+        self._max_pending = max_pending
+        self._max_queue_seconds = max_queue_seconds
+        self._pending = 0
+        self._verify_seconds = 0.0       # moving average of one verification's wall time
+        self._sleep = sleep
+        self._dummy_hash = dummy_hash
+        # Answers by result, plus "cached", "throttled" and "busy" (for metrics).
+        self.counters: Counter[str] = Counter()
+
+    async def prepare(self) -> None:
+        """Make the dummy hash now (at start), so the first unknown login costs no more than others."""
+        await self._dummy()
+
+    async def close(self) -> None:
+        if self._executor is not None:
+            executor, self._executor = self._executor, None
+            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+
+    async def _run_verify(self, stored: str, password: str) -> bool:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="argon2")
+        loop = asyncio.get_running_loop()
+        matches, spent = await loop.run_in_executor(self._executor, self._timed_verify, stored, password)
+        self._verify_seconds = spent if not self._verify_seconds else \
+            0.8 * self._verify_seconds + 0.2 * spent
+        return matches
+
+    def _timed_verify(self, stored: str, password: str) -> tuple[bool, float]:
+        start = time.monotonic()
+        matches = self._verify(stored, password)
+        return matches, time.monotonic() - start
+
+    def queue_seconds(self) -> float:
+        """Estimated wait before a verification submitted now would finish."""
+        return (self._pending + 1) * self._verify_seconds / self._workers
+
+    async def _dummy(self) -> str:
+        """A real argon2id hash of a random secret, made once, for unknown logins."""
+        if self._dummy_hash is None:
+            start = time.monotonic()
+            self._dummy_hash = await asyncio.to_thread(hash_secret, secrets.token_urlsafe(24))
+            self._verify_seconds = self._verify_seconds or time.monotonic() - start
+        return self._dummy_hash
+
+    async def authenticate(self, snapshot: Snapshot | None, login: str, password: str,
+                           service: str, remote_ip: str = "") -> AuthOutcome:
+        service = service.strip().lower()
+        delay = self.throttle.delay(login, remote_ip)
+        if delay > 0:
+            self.counters["throttled"] += 1
+            await self._sleep(delay)
+        if snapshot is None:
+            return AuthOutcome(Result.INTERNAL_FAILURE, "database state not loaded yet", delayed=delay)
+        app = snapshot.app(login)
+        cached = False
+        if app is not None and self.cache.hit(app, password):
+            matches = cached = True
+        else:
+            if self._pending >= self._max_pending or self.queue_seconds() > self._max_queue_seconds:
+                log.warning("app auth: %d verifications already waiting (~%.1fs); answering a "
+                            "temporary failure", self._pending, self.queue_seconds())
+                self.counters["busy"] += 1
+                self.counters[Result.INTERNAL_FAILURE.value] += 1
+                return AuthOutcome(Result.INTERNAL_FAILURE, "busy", delayed=delay)
+            self._pending += 1
+            try:
+                if app is None:
+                    await self._run_verify(await self._dummy(), password)
+                    matches = False
+                else:
+                    matches = await self._run_verify(app.secret_hash, password)
+                    if matches:
+                        self.cache.remember(app, password)
+            finally:
+                self._pending -= 1
+
+        if app is None:
+            outcome = AuthOutcome(Result.USER_UNKNOWN, "unknown app", delayed=delay)
+        elif not matches:
+            outcome = AuthOutcome(Result.PASSWORD_MISMATCH, "password mismatch", app.app_id,
+                                  delayed=delay)
+        elif not app.enabled:
+            outcome = AuthOutcome(Result.USER_DISABLED, "app disabled", app.app_id, cached, delay)
+        elif service not in SENDING_SERVICES:
+            outcome = AuthOutcome(Result.USER_DISABLED,
+                                  f"apps may authenticate only for sending (smtp, submission), "
+                                  f"not {service or 'an unnamed service'}", app.app_id, cached, delay)
+        else:
+            outcome = AuthOutcome(Result.OK, "", app.app_id, cached, delay)
+
+        self._account(outcome, login, service, remote_ip)
+        return outcome
+
+    def _account(self, outcome: AuthOutcome, login: str, service: str, remote_ip: str) -> None:
+        self.counters[outcome.result.value] += 1
+        if outcome.cached:
+            self.counters["cached"] += 1
+        where = f"login={login!r} service={service or '-'} rip={remote_ip or '-'}"
+        if outcome.result in (Result.PASSWORD_MISMATCH, Result.USER_UNKNOWN):
+            count = self.throttle.record_failure(login, remote_ip)
+            next_delay = self.throttle.delay_for(count)
+            if next_delay > 0:
+                log.warning("app auth failed (%s) %s: %d failures in a row, next attempt waits %.1fs",
+                            outcome.reason, where, count, next_delay)
+            else:
+                log.info("app auth failed (%s) %s", outcome.reason, where)
+        elif outcome.result is Result.OK:
+            self.throttle.record_success(login, remote_ip)
+            log.debug("app auth ok app=%s service=%s rip=%s%s", outcome.app_id, service,
+                      remote_ip or "-", " (cached)" if outcome.cached else "")
+        elif outcome.result is Result.USER_DISABLED:
+            log.info("app auth refused (%s) %s", outcome.reason, where)
