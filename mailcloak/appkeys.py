@@ -3,6 +3,7 @@
 from aiohttp import web
 
 from mailcloak.config import Config
+from mailcloak.metrics import Metrics
 from mailcloak.runtime import RuntimeRef
 from mailcloak.state import StateCache
 
@@ -11,3 +12,4 @@ CONFIG_PATH = web.AppKey("config_path", str)
 STATE = web.AppKey("state", StateCache)
 RUNTIME = web.AppKey("runtime", RuntimeRef)    # the config and IdP in force (swapped on SIGHUP)
 SERVERS = web.AppKey("servers", list)          # the UnixServer objects (policy, socketmap)
+METRICS = web.AppKey("metrics", Metrics)       # the daemon's own Prometheus registry

@@ -300,6 +300,7 @@ async def _check(store: Store, args: argparse.Namespace, config: Config) -> None
     """Evaluate one policy request with the daemon's own code (see the module docstring)."""
     # The daemon's modules, imported only here: `check` is the one command that needs them.
     from mailcloak.idp import build_provider
+    from mailcloak.metrics import Metrics
     from mailcloak.policy.codec import PolicyRequest
     from mailcloak.policy.server import PolicyService
     from mailcloak.runtime import Runtime, RuntimeRef
@@ -318,7 +319,8 @@ async def _check(store: Store, args: argparse.Namespace, config: Config) -> None
     await state.load()
     idp = build_provider(config)
     try:
-        decision = await PolicyService(RuntimeRef(Runtime(config, idp, state))).evaluate(request)
+        service = PolicyService(RuntimeRef(Runtime(config, idp, state)), Metrics())
+        decision = await service.evaluate(request)
     finally:
         await idp.close()
     _out(f"action: {decision.action}")

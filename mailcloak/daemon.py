@@ -20,11 +20,12 @@ from typing import AsyncIterator
 from aiohttp import web
 
 from mailcloak import __version__, logs
-from mailcloak.appkeys import CONFIG, CONFIG_PATH, RUNTIME, SERVERS, STATE
+from mailcloak.appkeys import CONFIG, CONFIG_PATH, METRICS, RUNTIME, SERVERS, STATE
 from mailcloak.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config, parse_listen
 from mailcloak.errors import MailcloakError
-from mailcloak.http.app import setup_http
+from mailcloak.http.app import PASSDB, setup_http
 from mailcloak.idp import build_provider
+from mailcloak.metrics import Metrics, daemon_families
 from mailcloak.policy.codec import MAX_LINE
 from mailcloak.policy.server import PolicyService
 from mailcloak.privileges import drop_privileges
@@ -64,13 +65,15 @@ async def _unix_servers_ctx(app: web.Application) -> AsyncIterator[None]:
     ref = app[RUNTIME]
     owner = resolve_owner(sockets)
     servers = [
-        UnixServer("policy", sockets.policy_socket, PolicyService(ref).handle, mode=sockets.mode,
+        UnixServer("policy", sockets.policy_socket, PolicyService(ref, app[METRICS]).handle, mode=sockets.mode,
                    owner=owner, max_connections=sockets.max_connections, stream_limit=MAX_LINE + 1),
-        UnixServer("socketmap", sockets.socketmap_socket, SocketmapService(ref).handle,
+        UnixServer("socketmap", sockets.socketmap_socket, SocketmapService(ref, app[METRICS]).handle,
                    mode=sockets.mode, owner=owner, max_connections=sockets.max_connections,
                    stream_limit=64 * 1024),
     ]
     app[SERVERS] = servers
+    passdb_counters = app[PASSDB].authenticator.counters
+    app[METRICS].add_scrape_time_source(lambda: daemon_families(servers, ref, passdb_counters))
     started: list[UnixServer] = []
     try:
         for server in servers:
@@ -86,6 +89,7 @@ def build_app(config: Config, config_path: str) -> web.Application:
     app = web.Application()
     app[CONFIG] = config
     app[CONFIG_PATH] = config_path
+    app[METRICS] = Metrics()
     app.cleanup_ctx.append(_state_ctx)
     app.cleanup_ctx.append(_runtime_ctx)
     app.cleanup_ctx.append(_unix_servers_ctx)
@@ -226,6 +230,16 @@ def _warn_if_secrets_readable(config: Config, say) -> None:
         say(f"warning: {config.source} holds secrets and is readable by every user; chmod o-r it")
 
 
+def _use_uvloop_if_installed() -> None:
+    """uvloop's event loop when it is installed (`pip install 'mailcloak[perf]'`): it takes about
+    a third off the socketmap's cost per request (bench/README.md)."""
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mailcloak", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=DEFAULT_CONFIG_PATH, help="YAML config file")
@@ -250,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"result: ERROR {exc}")
             return 1
     _warn_if_secrets_readable(config, log.warning)
+    _use_uvloop_if_installed()
     try:
         asyncio.run(serve(config, args.config))
     except MailcloakError as exc:

@@ -6,8 +6,9 @@ a new snapshot built off the hot path. If a refresh fails (locked past the wait,
 corrupt), the last good snapshot keeps answering, the failure is logged once, and the refresh is
 retried; answers only become TEMP/451 when no snapshot was ever loaded.
 
-Rows that could break a protocol reply (an alias target with a space, comma or control character
-written into the database by hand) are left out of the snapshot with a warning.
+Rows that could break a protocol reply (an alias target with a space, comma or control character,
+or an alias_domain_name other than the alias's domain, written into the database by hand) are left
+out of the snapshot with a warning.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import contextlib
 import logging
 import time
 
-from mailcloak.addresses import check_address, is_safe_token
+from mailcloak.addresses import check_address, domain_of, is_safe_token
 from mailcloak.errors import InvalidInput, StoreError
 from mailcloak.store.base import Store
 from mailcloak.store.model import Rows, Snapshot
@@ -44,7 +45,8 @@ class StateCache:
     async def load(self) -> None:
         """Load now; raises StoreError (used at start-up, where failing is right)."""
         rows = await self._store.load()
-        self.snapshot = Snapshot.from_rows(_safe_rows(rows), self._extra)
+        rows = await _checked_rows(rows, self.snapshot)
+        self.snapshot = Snapshot.from_rows(rows, self._extra, await _alias_index(rows))
         self.loaded_at = time.monotonic()
         self.last_error = None
 
@@ -75,6 +77,8 @@ class StateCache:
                     log.error("cannot refresh database state (answering from the last good state): %s", exc)
                 self.last_error = str(exc)
                 await asyncio.sleep(RETRY_SECONDS)
+                with contextlib.suppress(StoreError):
+                    await self._store.reconnect()  # a connection that saw a broken file stays broken
                 self._forced.set()  # retry the load itself, not only the change check
 
     async def _wait_for_change_or_force(self) -> None:
@@ -94,13 +98,54 @@ class StateCache:
             raise results[0]
 
 
+# Aliases handled between two turns of the event loop while a snapshot is built, so that requests
+# are not held up by a reload of a large database.
+SLICE = 2000
+
+
+async def _checked_rows(rows: Rows, previous: Snapshot | None) -> Rows:
+    """`_safe_rows(rows)`, checking only aliases that changed since the `previous` snapshot: the
+    checks are a function of the row alone, and an unchanged row in it passed them already."""
+    if previous is None:
+        return _safe_rows(rows)
+    known = previous.aliases
+    unchanged: set[int] = set()
+    changed = []
+    for n, alias in enumerate(rows.aliases, 1):
+        if known.get(alias.address) == alias:
+            unchanged.add(id(alias))
+        else:
+            changed.append(alias)
+        if n % SLICE == 0:
+            await asyncio.sleep(0)
+    checked = _safe_rows(Rows(rows.domains, tuple(changed), rows.apps))
+    if len(checked.aliases) == len(changed):
+        return rows
+    keep = unchanged.union(map(id, checked.aliases))
+    return Rows(rows.domains, tuple(a for a in rows.aliases if id(a) in keep), rows.apps)
+
+
+async def _alias_index(rows: Rows) -> dict:
+    """`rows.aliases` by lower-case address (as `Snapshot.from_rows` makes it), in slices."""
+    index = {}
+    for n, alias in enumerate(rows.aliases, 1):
+        address = alias.address
+        index[address if address.islower() else address.lower()] = alias
+        if n % SLICE == 0:
+            await asyncio.sleep(0)
+    return index
+
+
 def _safe_rows(rows: Rows) -> Rows:
     aliases = []
     dropped = 0
     for alias in rows.aliases:
         try:
-            check_address(alias.address)
+            address = check_address(alias.address)
             ok = is_safe_token(alias.target_user) and "@" not in alias.target_user
+            # The answer is target_user@alias_domain_name: that column must be the address's
+            # domain (a trigger says so, but a database edited by hand may lack it).
+            ok = ok and alias.domain.lower() == domain_of(address)
         except InvalidInput:
             ok = False
         if ok:

@@ -6,6 +6,10 @@
 - A cap on connections served at once; one log line when it is reached and one when it clears.
 - Graceful stop: stop accepting, close idle connections at once, let busy ones finish their
   request within a bound, then remove the socket file where the folder allows it.
+- Peers that do not read their answers: a write that cannot drain within the request timeout
+  cuts the connection off (`Connection.drain`), a deadline closes at once even with answers
+  still queued (`Connection.close_now`), and a closed connection gets CLOSE_GRACE_SECONDS to
+  flush them; so no such peer holds a socket open for ever, inside or outside the cap.
 """
 
 from __future__ import annotations
@@ -42,8 +46,86 @@ class Connection:
     closing: bool = False
     task: asyncio.Task | None = field(default=None, repr=False)
 
+    async def drain(self, timeout: float) -> None:
+        """`writer.drain()`, bounded. A client that pipelines requests and never reads the answers
+        would otherwise hold the handler (and a connection slot) in drain() for ever: it is cut
+        off after `timeout` seconds. Free while the kernel takes the answers (nothing buffered)."""
+        if not self.writer.transport.get_write_buffer_size():
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await self.writer.drain()
+        except TimeoutError:
+            log.warning("closing a connection whose client has not read its answers for %gs", timeout)
+            # abort(), not close(): close() would wait for the unread answers to be flushed
+            self.writer.transport.abort()
+            raise ConnectionAbortedError("client does not read its answers") from None
+
+    def close_now(self) -> None:
+        """Close after a deadline passed; a pending read then sees EOF. With answers still queued
+        (the peer is not reading them) close() would wait for them to be flushed, for ever, and
+        the read would never end: abort() then."""
+        if self.writer.transport.get_write_buffer_size():
+            self.writer.transport.abort()
+        else:
+            self.writer.close()
+
 
 Handler = Callable[[Connection], Awaitable[None]]
+
+# How long a closed connection may take to flush the answers already written to its peer.
+CLOSE_GRACE_SECONDS = 2.0
+
+
+class ReadDeadline:
+    """Ends a read that has not finished by its deadline, by calling `on_expire` (which closes
+    the connection, so that the read sees EOF).
+
+    One timer per connection rather than one per request: moving the deadline on, as every
+    request does, is an assignment; the timer is moved only when it fires before the deadline,
+    or when a deadline comes earlier than it (a request arriving in pieces). Only a read in
+    progress (between `reading_until` and `done`) is bounded.
+    """
+
+    __slots__ = ("_loop", "_on_expire", "_timer", "_due", "deadline", "reading", "expired")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_expire: Callable[[], None]):
+        self._loop, self._on_expire = loop, on_expire
+        self._timer: asyncio.TimerHandle | None = None
+        self._due = 0.0
+        self.deadline = 0.0
+        self.reading = False
+        self.expired = False
+
+    def reading_until(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.reading = True
+        if self._timer is None or deadline < self._due:
+            self._arm(deadline)
+
+    def done(self) -> None:
+        self.reading = False
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._due = when
+        self._timer = self._loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        if not self.reading:
+            return  # armed again when the next read starts
+        if self._loop.time() >= self.deadline:
+            self.expired = True
+            self._on_expire()
+        else:
+            self._arm(self.deadline)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def resolve_owner(config: SocketsConfig) -> tuple[int, int]:
@@ -168,8 +250,15 @@ class UnixServer:
                 self._at_capacity = False
                 log.info("%s: below the connection cap again", self.name)
             writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            try:
+                async with asyncio.timeout(CLOSE_GRACE_SECONDS):
+                    await writer.wait_closed()
+            except TimeoutError:
+                # Answers still unsent and a peer that does not read them: close() would wait for
+                # them for ever, keeping the socket open outside the connection cap.
+                writer.transport.abort()
+            except Exception:  # noqa: BLE001 - the connection is gone either way
+                pass
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, close idle connections, give busy ones `grace` seconds, unlink."""

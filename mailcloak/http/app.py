@@ -2,7 +2,8 @@
 
 - `POST /dovecot/passdb` — app passwords for the Lua passdb (`mailcloak.http.passdb`);
 - `POST /oauth2/introspect` — users' IdP tokens for Dovecot's oauth2 passdb
-  (`mailcloak.http.introspect`).
+  (`mailcloak.http.introspect`);
+- `GET /healthz`, `GET /metrics` (`mailcloak.http.health`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from aiohttp import web
 from mailcloak.appkeys import CONFIG
 from mailcloak.apps_auth import AppAuthenticator
 from mailcloak.http import introspect
+from mailcloak.http.health import setup_health
 from mailcloak.http.passdb import PATH as PASSDB_PATH
 from mailcloak.http.passdb import PassdbEndpoint, SharedSecret
 
@@ -35,3 +37,4 @@ def setup_http(app: web.Application) -> None:
     app.cleanup_ctx.append(_passdb_ctx)
     app.router.add_post(PASSDB_PATH, endpoint.handle, expect_handler=endpoint.expect)
     app.router.add_post(introspect.PATH, introspect.handle)
+    setup_health(app)

@@ -11,6 +11,11 @@
   `stale_if_error` seconds ago is still returned. A cached "no such user" is not served stale by
   default: a user created during the outage would otherwise get mail bounced permanently (550)
   instead of deferred (451), and a deferral costs nothing.
+  While the IdP is known to be failing (a failure seen and no success since), a lookup that
+  has such a stale answer waits at most `STALE_WAIT_SECONDS` for the new fetch, then gets the
+  stale answer while the fetch goes on: a hanging IdP must not hold every cached user's request
+  for the whole IdP timeout, nor past a policy deadline shorter than that timeout (which would
+  turn a known user into a 451).
 - **Quiet logs**: one line per kind of IdP failure and one per recovery, one line when stale
   answers start being served (see `FailureLog`), never one per request.
 - **Counters** in `counters` (and errors by kind in `errors`), plain dicts a metrics endpoint
@@ -35,6 +40,9 @@ from mailcloak.errors import IdPError
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+
+# While the IdP is failing, how long a lookup with a stale answer in hand waits for the IdP.
+STALE_WAIT_SECONDS = 0.25
 
 
 def error_kind(exc: BaseException) -> str:
@@ -156,6 +164,12 @@ class LookupCache:
             task.add_done_callback(partial(self._settled, key))
         else:
             self.counters["coalesced"] += 1
+        if entry is not None and self.failures.failing and self._usable_stale(entry):
+            done, _pending = await asyncio.wait({task}, timeout=STALE_WAIT_SECONDS)
+            if not done:  # the IdP is failing and slow: the stale answer now, the fetch goes on
+                self.counters["stale"] += 1
+                self.failures.serving_stale(self.stale_if_error)
+                return entry.value
         value, stale = await asyncio.shield(task)
         if stale:
             self.counters["stale"] += 1
@@ -183,14 +197,17 @@ class LookupCache:
             self.errors[kind] = self.errors.get(kind, 0) + 1
             self.failures.failed(exc)
             entry = self._entries.get(key) if self._entries is not None else None
-            if (entry is not None and self._clock() < entry.stale_until
-                    and (entry.value is not None or self.stale_negative)):
+            if entry is not None and self._usable_stale(entry):
                 self.failures.serving_stale(self.stale_if_error)
                 return entry.value, True
             raise exc from None
         self.failures.recovered()
         self._store(key, value, ttl_of)
         return value, False
+
+    def _usable_stale(self, entry: _Entry) -> bool:
+        """May `entry` answer while the IdP fails (within the window; negative only if allowed)?"""
+        return self._clock() < entry.stale_until and (entry.value is not None or self.stale_negative)
 
     def _store(self, key: Hashable, value: Any, ttl_of: Callable[[Any], float | None] | None) -> None:
         if self._entries is None:

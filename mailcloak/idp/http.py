@@ -94,6 +94,9 @@ class HttpClient:
             size += len(chunk)
             if size > self.max_body:
                 resp.close()
+                # The error's traceback keeps this frame alive until the cyclic GC runs, which
+                # a quiet daemon may not do for a long time: drop the body read so far now.
+                chunks.clear()
                 raise self.error(TOO_LARGE, f"more than {self.max_body} bytes")
             chunks.append(chunk)
         return b"".join(chunks)

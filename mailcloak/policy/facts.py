@@ -14,7 +14,7 @@ import logging
 from mailcloak.addresses import domain_of, split_extension
 from mailcloak.errors import IdPError
 from mailcloak.idp.base import IdentityProvider
-from mailcloak.policy.codec import PolicyRequest
+from mailcloak.policy.codec import PolicyRequest, Resume
 from mailcloak.policy.decision import APP_METHODS, UNAVAILABLE, USER_METHODS, Facts
 from mailcloak.store.model import Snapshot
 
@@ -28,7 +28,7 @@ async def gather_facts(request: PolicyRequest, snapshot: Snapshot, idp: Identity
     if state not in ("RCPT", "MAIL"):
         return Facts()
     sender = request.sender
-    sender_base = split_extension(sender, delimiters).base if sender else ""
+    sender_base = _base(sender, delimiters) if sender else ""
     sender_local = bool(sender) and snapshot.is_local(domain_of(sender))
 
     recipient = request.recipient if state == "RCPT" else ""
@@ -36,11 +36,11 @@ async def gather_facts(request: PolicyRequest, snapshot: Snapshot, idp: Identity
     exists_query = None
     recipient_exists = None
     if recipient_local:
-        recipient_base = split_extension(recipient, delimiters).base
+        recipient_base = _base(recipient, delimiters)
         if snapshot.active_alias(recipient) or snapshot.active_alias(recipient_base):
             recipient_exists = True
         else:
-            exists_query = _ask(idp.user_by_address(recipient_base), deadline)
+            exists_query = idp.user_by_address(recipient_base)
 
     method = request.sasl_method
     login_query = None
@@ -48,21 +48,31 @@ async def gather_facts(request: PolicyRequest, snapshot: Snapshot, idp: Identity
     alias_target = None
     if request.authenticated:
         if method in USER_METHODS and request.sasl_username:
-            login_query = _ask(idp.user_by_login(request.sasl_username), deadline)
+            login_query = idp.user_by_login(request.sasl_username)
             alias = snapshot.active_alias(sender) or snapshot.active_alias(sender_base)
             alias_target = alias.target_user if alias else None
         elif method in APP_METHODS:
             app = snapshot.app(request.sasl_username)
 
     login_user = None
-    if exists_query is not None and login_query is not None:
-        found, login_user = await asyncio.gather(exists_query, login_query)
-        recipient_exists = found if found is UNAVAILABLE else found is not None
-    elif exists_query is not None:
-        found = await exists_query
+    if exists_query is not None:
+        found = _at_once(exists_query)
+        if type(found) is Resume:
+            if login_query is not None:  # both questions wait concurrently, as with gather()
+                login_task = asyncio.ensure_future(_ask(login_query, deadline))
+                try:
+                    found = await _ask(found, deadline)
+                except BaseException:
+                    login_task.cancel()
+                    raise
+                login_user = await login_task
+            else:
+                found = await _ask(found, deadline)
+        elif login_query is not None:
+            login_user = await _ask(_at_once(login_query), deadline)
         recipient_exists = found if found is UNAVAILABLE else found is not None
     elif login_query is not None:
-        login_user = await login_query
+        login_user = await _ask(_at_once(login_query), deadline)
 
     return Facts(
         recipient_local=recipient_local,
@@ -75,8 +85,33 @@ async def gather_facts(request: PolicyRequest, snapshot: Snapshot, idp: Identity
     )
 
 
+def _base(address: str, delimiters: str) -> str:
+    """`split_extension(address, delimiters).base`, without its loop when no delimiter occurs."""
+    for char in delimiters:
+        if char in address:
+            return split_extension(address, delimiters).base
+    return address.lower()
+
+
+def _at_once(query):
+    """Run an IdP question up to its first wait. Most are answered from memory (the static
+    provider, a warm cache) without one: their answer (UNAVAILABLE on failure) comes back at
+    once, with no timer and no task. Otherwise a `Resume` for `_ask`."""
+    try:
+        first = query.send(None)
+    except StopIteration as done:
+        return done.value
+    except IdPError as exc:
+        log.debug("IdP question failed: %s", exc)
+        return UNAVAILABLE
+    return Resume(query, first)
+
+
 async def _ask(query, deadline: float):
-    """Await an IdP question until `deadline`; failure or timeout give UNAVAILABLE."""
+    """Await an IdP question (a coroutine or a `Resume`; anything else is its answer already)
+    until `deadline`; failure or timeout give UNAVAILABLE."""
+    if type(query) is not Resume and not asyncio.iscoroutine(query):
+        return query
     try:
         async with asyncio.timeout_at(deadline):
             return await query

@@ -27,6 +27,16 @@ class NetstringDecoder:
 
     def feed(self, data: bytes) -> list[bytes]:
         """Add received bytes; return every netstring payload now complete."""
+        if not self._buffer:
+            # Fast path: exactly one whole netstring, as Postfix sends a query. Anything else
+            # (several, a part, a bad frame) takes the general path below, which says what.
+            colon = data.find(b":", 0, self._max_digits + 1)
+            if colon > 0:
+                digits = data[:colon]
+                if digits.isdigit() and (colon == 1 or data[0] != 48):  # 48: no leading "0"
+                    end = colon + 1 + int(digits)
+                    if end - colon - 1 <= self._max_length and len(data) == end + 1 and data[end] == 44:
+                        return [data[colon + 1 : end]]  # 44: ","
         self._buffer += data
         payloads = []
         while self._buffer:

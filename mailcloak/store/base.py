@@ -20,6 +20,11 @@ class Store(ABC):
     @abstractmethod
     async def close(self) -> None: ...
 
+    @abstractmethod
+    async def reconnect(self) -> None:
+        """Drop the connection and open a new one, after a failure that may have left it unusable
+        (a file replaced or repaired under it; for a server database, a lost connection)."""
+
     # Reads -----------------------------------------------------------------------------------
 
     @abstractmethod

@@ -73,10 +73,14 @@ class Snapshot:
     extra_local_domains: frozenset[str] = field(default_factory=frozenset)
 
     @classmethod
-    def from_rows(cls, rows: Rows, extra_local_domains: frozenset[str] = frozenset()) -> "Snapshot":
+    def from_rows(cls, rows: Rows, extra_local_domains: frozenset[str] = frozenset(),
+                  alias_index: dict[str, Alias] | None = None) -> "Snapshot":
+        """`alias_index`: `rows.aliases` by lower-case address, when the caller built it already."""
+        if alias_index is None:
+            alias_index = {a.address.lower(): a for a in rows.aliases}
         return cls(
             domains=MappingProxyType({d.name.lower(): d for d in rows.domains}),
-            aliases=MappingProxyType({a.address.lower(): a for a in rows.aliases}),
+            aliases=MappingProxyType(alias_index),
             apps=MappingProxyType({a.app_id.lower(): a for a in rows.apps}),
             extra_local_domains=extra_local_domains,
         )

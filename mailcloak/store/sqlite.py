@@ -93,10 +93,11 @@ def missing_message(path: str) -> str:
 
 
 class SQLiteStore(Store):
-    def __init__(self, conn: aiosqlite.Connection, path: str, poll_interval: float):
+    def __init__(self, conn: aiosqlite.Connection, config: SQLiteConfig):
         self._conn = conn
-        self.location = path
-        self._poll_interval = poll_interval
+        self._config = config
+        self.location = config.path
+        self._poll_interval = config.poll_interval_seconds
         self._data_version: int | None = None
 
     @classmethod
@@ -109,16 +110,9 @@ class SQLiteStore(Store):
                 raise StoreError(f"cannot create folder for {path}: {exc.strerror}") from None
         elif not os.path.exists(path):
             raise StoreMissing(missing_message(path))
-        uri = f"file:{_quote(path)}?mode={'rwc' if create else 'rw'}"
+        conn = await _connect(config, create)
+        store = cls(conn, config)
         try:
-            conn = await aiosqlite.connect(
-                uri, uri=True, timeout=config.busy_timeout_seconds, isolation_level=None
-            )
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open database {path}: {exc}") from None
-        store = cls(conn, path, config.poll_interval_seconds)
-        try:
-            await conn.execute("PRAGMA foreign_keys = ON")
             if create:
                 await store._migrate()
             else:
@@ -133,6 +127,17 @@ class SQLiteStore(Store):
 
     async def close(self) -> None:
         await self._conn.close()
+
+    async def reconnect(self) -> None:
+        """A new connection: SQLite keeps pages it read in its cache, so after the file was
+        corrupted and repaired under it, only a new connection reads the repaired file."""
+        if not os.path.exists(self.location):
+            raise StoreMissing(missing_message(self.location))
+        conn = await _connect(self._config, create=False)
+        old, self._conn = self._conn, conn
+        self._data_version = None
+        with contextlib.suppress(Exception):
+            await old.close()
 
     async def _user_version(self) -> int:
         async with self._conn.execute("PRAGMA user_version") as cur:
@@ -180,14 +185,16 @@ class SQLiteStore(Store):
                 # point (even before wait_for_change is first called) is reported as a change.
                 async with self._conn.execute("PRAGMA data_version") as cur:
                     (self._data_version,) = await cur.fetchone()
+                # _text/_int: a row written by hand may hold a BLOB or a stray type (SQLite
+                # keeps what it is given); it must not stop the load (see _text).
                 domains = [
-                    Domain(name, bool(enabled), int(updated_at or 0))
+                    Domain(_text(name), bool(enabled), _int(updated_at))
                     async for name, enabled, updated_at in self._rows(
                         "SELECT domain_name, enabled, updated_at FROM domains"
                     )
                 ]
                 aliases = [
-                    Alias(address, target, domain, bool(enabled), int(updated_at or 0))
+                    Alias(_text(address), _text(target), _text(domain), bool(enabled), _int(updated_at))
                     async for address, target, domain, enabled, updated_at in self._rows(
                         "SELECT alias_email, target_user, alias_domain_name, enabled, updated_at "
                         "FROM aliases"
@@ -197,9 +204,10 @@ class SQLiteStore(Store):
                 async for app_id, address, enabled in self._rows(
                     "SELECT app_id, from_addr, enabled FROM app_from ORDER BY app_id, from_addr"
                 ):
-                    senders.setdefault(app_id, []).append(AppSender(address, bool(enabled)))
+                    senders.setdefault(_text(app_id), []).append(AppSender(_text(address), bool(enabled)))
                 apps = [
-                    App(app_id, secret, bool(enabled), int(updated_at or 0), tuple(senders.get(app_id, ())))
+                    App(_text(app_id), _text(secret), bool(enabled), _int(updated_at),
+                        tuple(senders.get(_text(app_id), ())))
                     async for app_id, secret, enabled, updated_at in self._rows(
                         "SELECT app_id, secret_hash, enabled, updated_at FROM apps"
                     )
@@ -378,8 +386,43 @@ class SQLiteStore(Store):
             raise NotFound(f"app {stored} is not allowed to send as {address}")
 
 
+async def _connect(config: SQLiteConfig, create: bool) -> aiosqlite.Connection:
+    uri = f"file:{_quote(config.path)}?mode={'rwc' if create else 'rw'}"
+    try:
+        conn = await aiosqlite.connect(
+            uri, uri=True, timeout=config.busy_timeout_seconds, isolation_level=None
+        )
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open database {config.path}: {exc}") from None
+    try:
+        await conn.execute("PRAGMA foreign_keys = ON")
+    except sqlite3.Error as exc:
+        await conn.close()
+        raise _store_error(exc, config.path) from None
+    return conn
+
+
 def _now() -> int:
     return int(time.time())
+
+
+def _text(value) -> str:
+    """A TEXT column as str. SQLite stores whatever a hand-written row gives it: a BLOB is read as
+    the UTF-8 text it holds (Go's database/sql does the same), undecodable bytes as U+FFFD, NULL
+    as "" (then refused by the row checks of mailcloak.state), a number as its digits."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return "" if value is None else str(value)
+
+
+def _int(value) -> int:
+    """An INTEGER column such as updated_at; 0 when a hand-written row holds something else."""
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _quote(path: str) -> str:
