@@ -43,23 +43,14 @@ class Metrics:
         self.policy_decisions[(action_class(action), rule)] += 1
 
     def _counter_families(self) -> Iterable:
-        family = CounterMetricFamily("mailcloak_policy_decisions",
-                                     "Policy decisions by action and by the rule that decided.",
-                                     labels=["action", "rule"])
-        for (action, rule), count in list(self.policy_decisions.items()):
-            family.add_metric([action, rule], count)
-        yield family
-        family = CounterMetricFamily("mailcloak_socketmap_answers", "Socketmap answers by map and status.",
-                                     labels=["map", "status"])
-        for (name, status), count in list(self.socketmap_answers.items()):
-            family.add_metric([name, status], count)
-        yield family
-        family = CounterMetricFamily("mailcloak_protocol_errors",
-                                     "Connections closed or requests refused for bad input.",
-                                     labels=["service"])
-        for service, count in list(self.protocol_errors.items()):
-            family.add_metric([service], count)
-        yield family
+        yield counter_family("mailcloak_policy_decisions",
+                             "Policy decisions by action and by the rule that decided.",
+                             ["action", "rule"], self.policy_decisions)
+        yield counter_family("mailcloak_socketmap_answers", "Socketmap answers by map and status.",
+                             ["map", "status"], self.socketmap_answers)
+        yield counter_family("mailcloak_protocol_errors",
+                             "Connections closed or requests refused for bad input.",
+                             ["service"], self.protocol_errors)
 
     def add_scrape_time_source(self, collect: Callable[[], Iterable]) -> None:
         """Register a function yielding metric families, called at each scrape."""
@@ -67,6 +58,14 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def counter_family(name: str, documentation: str, labels: list[str], counts: dict) -> CounterMetricFamily:
+    """A counter family from a dict whose keys are label values (a tuple, or one string)."""
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for key, count in list(counts.items()):
+        family.add_metric(list(key) if isinstance(key, tuple) else [key], count)
+    return family
 
 
 class _ScrapeTimeCollector(Collector):
@@ -94,26 +93,12 @@ def daemon_families(servers, runtime_ref, passdb_counters) -> Iterable:
     ok.add_metric([], 0.0 if state.last_error else 1.0)
     yield ok
     stats = runtime.idp.stats()
-    if "http_requests" in stats:
-        family = CounterMetricFamily("mailcloak_idp_http_requests", "HTTP requests sent to the IdP.",
-                                     labels=["endpoint"])
-        for endpoint, count in stats["http_requests"].items():
-            family.add_metric([endpoint], count)
-        yield family
-    if "lookups" in stats:
-        family = CounterMetricFamily("mailcloak_idp_lookups", "IdP lookups by cache outcome.",
-                                     labels=["outcome"])
-        for outcome, count in stats["lookups"].items():
-            family.add_metric([outcome], count)
-        yield family
-    if "lookup_errors" in stats:
-        family = CounterMetricFamily("mailcloak_idp_errors", "Failed IdP lookups by kind.",
-                                     labels=["kind"])
-        for kind, count in stats["lookup_errors"].items():
-            family.add_metric([kind], count)
-        yield family
-    family = CounterMetricFamily("mailcloak_passdb_results", "Dovecot passdb answers by result.",
-                                 labels=["result"])
-    for result, count in list(passdb_counters.items()):
-        family.add_metric([result], count)
-    yield family
+    for key, name, documentation, label in (
+        ("http_requests", "mailcloak_idp_http_requests", "HTTP requests sent to the IdP.", "endpoint"),
+        ("lookups", "mailcloak_idp_lookups", "IdP lookups by cache outcome.", "outcome"),
+        ("lookup_errors", "mailcloak_idp_errors", "Failed IdP lookups by kind.", "kind"),
+    ):
+        if key in stats:
+            yield counter_family(name, documentation, [label], stats[key])
+    yield counter_family("mailcloak_passdb_results", "Dovecot passdb answers by result.", ["result"],
+                         passdb_counters)

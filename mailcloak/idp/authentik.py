@@ -31,9 +31,8 @@ import time
 from typing import Any, Callable
 
 from mailcloak.config import AuthentikConfig
-from mailcloak.idp.base import IdentityProvider, IdPUser
-from mailcloak.idp.cache import FailureLog, LookupCache
-from mailcloak.idp.http import HttpClient
+from mailcloak.idp.base import IdPUser
+from mailcloak.idp.remote import RemoteProvider
 
 log = logging.getLogger(__name__)
 
@@ -41,33 +40,15 @@ FORBIDDEN = "forbidden: the API token is invalid, expired or not allowed"
 PAGE_SIZE = "100"
 
 
-class AuthentikProvider(IdentityProvider):
+class AuthentikProvider(RemoteProvider):
     name = "authentik"
 
     def __init__(self, config: AuthentikConfig, *, clock: Callable[[], float] = time.monotonic):
-        self.config = config
-        self._base = config.base_url.rstrip("/")
+        super().__init__(config, clock=clock)
         self._users_url = f"{self._base}/api/v3/core/users/"
-        self._http = HttpClient("authentik", config.connect_timeout_seconds, config.request_timeout_seconds)
-        self.failures = FailureLog("authentik", clock=clock)
-        self.cache = LookupCache(
-            "authentik", ttl=config.cache_ttl_seconds, negative_ttl=config.negative_cache_ttl_seconds,
-            stale_if_error=config.stale_if_error_seconds, max_entries=config.cache_max_entries,
-            clock=clock, failures=self.failures)
 
     def __repr__(self) -> str:  # never the token
         return f"AuthentikProvider({self._base!r})"
-
-    @property
-    def http_requests(self) -> dict[str, int]:
-        return self._http.requests
-
-    def health(self) -> dict[str, Any]:
-        return {"ok": not self.failures.failing, "failing": sorted(self.failures.kinds)}
-
-    def stats(self) -> dict[str, Any]:
-        return {"http_requests": dict(self._http.requests), "lookups": dict(self.cache.counters),
-                "lookup_errors": dict(self.cache.errors)}
 
     async def user_by_address(self, address: str) -> IdPUser | None:
         address = address.strip().lower()
@@ -91,9 +72,6 @@ class AuthentikProvider(IdentityProvider):
                 "the API token sees no users",
                 "give the token's user the permission to view users (authentik_core.view_user)")
         return f"the API token is accepted; {count if count is not None else 'some'} users visible"
-
-    async def close(self) -> None:
-        await self._http.close()
 
     async def _lookup(self, field: str, value: str) -> IdPUser | None:
         wanted = value.lower()

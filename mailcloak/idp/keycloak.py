@@ -38,9 +38,10 @@ from typing import Any, Callable
 from urllib.parse import quote
 
 from mailcloak.config import KeycloakConfig
-from mailcloak.idp.base import IdentityProvider, IdPUser
-from mailcloak.idp.cache import FailureLog, LookupCache
-from mailcloak.idp.http import HttpClient, IdPRequestError, error_field
+from mailcloak.idp.base import IdPUser
+from mailcloak.idp.cache import LookupCache
+from mailcloak.idp.http import IdPRequestError, error_field
+from mailcloak.idp.remote import RemoteProvider
 
 log = logging.getLogger(__name__)
 
@@ -61,30 +62,23 @@ class _Introspected:
     exp: float | None  # unix time the token expires, if the IdP said
 
 
-class KeycloakProvider(IdentityProvider):
+class KeycloakProvider(RemoteProvider):
     name = "keycloak"
 
     def __init__(self, config: KeycloakConfig, *, clock: Callable[[], float] = time.monotonic,
                  wallclock: Callable[[], float] = time.time):
-        self.config = config
-        base = config.base_url.rstrip("/")
+        super().__init__(config, clock=clock)
+        base = self._base
         realm = quote(config.realm, safe="")
-        self._base = base
         self._token_url = f"{base}/realms/{realm}/protocol/openid-connect/token"
         self._introspect_url = f"{self._token_url}/introspect"
         self._users_url = f"{base}/admin/realms/{realm}/users"
         self._clock = clock
         self._wallclock = wallclock
-        self._http = HttpClient("keycloak", config.connect_timeout_seconds, config.request_timeout_seconds)
         self._token: str | None = None
         self._renew_at = 0.0
         self._expires_at = 0.0
         self._token_task: asyncio.Future | None = None
-        self.failures = FailureLog("keycloak", clock=clock)
-        self.cache = LookupCache(
-            "keycloak", ttl=config.cache_ttl_seconds, negative_ttl=config.negative_cache_ttl_seconds,
-            stale_if_error=config.stale_if_error_seconds, max_entries=config.cache_max_entries,
-            clock=clock, failures=self.failures)
         # Never stale: an answer about a token must not outlive what the IdP said about it.
         self.introspection_cache = LookupCache(
             "keycloak introspection", ttl=min(INTROSPECTION_MAX_TTL, config.cache_ttl_seconds),
@@ -95,18 +89,8 @@ class KeycloakProvider(IdentityProvider):
     def __repr__(self) -> str:  # never the secret
         return f"KeycloakProvider({self._base!r}, realm={self.config.realm!r}, client={self.config.client_id!r})"
 
-    @property
-    def http_requests(self) -> dict[str, int]:
-        """HTTP requests sent, per endpoint: token, users, introspect."""
-        return self._http.requests
-
-    def health(self) -> dict[str, Any]:
-        return {"ok": not self.failures.failing, "failing": sorted(self.failures.kinds)}
-
     def stats(self) -> dict[str, Any]:
-        return {"http_requests": dict(self._http.requests), "lookups": dict(self.cache.counters),
-                "lookup_errors": dict(self.cache.errors),
-                "introspection": dict(self.introspection_cache.counters)}
+        return {**super().stats(), "introspection": dict(self.introspection_cache.counters)}
 
     # -- the interface -------------------------------------------------------------------------
 
@@ -141,7 +125,7 @@ class KeycloakProvider(IdentityProvider):
     async def close(self) -> None:
         if self._token_task is not None and not self._token_task.done():
             self._token_task.cancel()
-        await self._http.close()
+        await super().close()
 
     # -- lookups -------------------------------------------------------------------------------
 
