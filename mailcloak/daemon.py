@@ -240,6 +240,14 @@ def _use_uvloop_if_installed() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def data_dir() -> str:
+    """Where the shipped files are: <prefix>/share/mailcloak once installed, else the checkout."""
+    installed = os.path.join(sys.prefix, "share", "mailcloak")
+    if os.path.isdir(installed):
+        return installed
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mailcloak", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=DEFAULT_CONFIG_PATH, help="YAML config file")
@@ -248,7 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                         help="overrides daemon.log_level")
     parser.add_argument("--version", action="version", version=f"mailcloak {__version__}")
+    parser.add_argument("--data-dir", action="store_true",
+                        help="print the folder holding the Dovecot script, snippets and samples, exit")
     args = parser.parse_args(argv)
+    if args.data_dir:
+        print(data_dir())
+        return 0
     logs.configure()
     try:
         config = load_config(args.config)
