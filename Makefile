@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup system-deps run test unit clean
+.PHONY: setup system-deps run test unit bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: setup system-deps
 
 unit: setup
 	$(PY) -m pytest -q tests/unit
+
+# Benchmarks side by side with a plain-asyncio floor (bench/README.md); not part of `make test`.
+bench: setup
+	$(PY) bench/run.py
 
 clean:
 	rm -rf $(VENV) run *.egg-info
