@@ -25,7 +25,9 @@ PASSDB = web.AppKey("passdb", PassdbEndpoint)
 async def _passdb_ctx(app: web.Application) -> AsyncIterator[None]:
     endpoint = app[PASSDB]
     endpoint.secret.load()                 # ConfigError (one line) stops the start
-    await endpoint.authenticator.prepare()
+    if app[CONFIG].http.listen:
+        # The dummy hash (one argon2id: ~0.2 s, 64 MiB at its peak) only where logins can come.
+        await endpoint.authenticator.prepare()
     yield
     await endpoint.authenticator.close()
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import weakref
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Callable, Final, Mapping
+from typing import Callable, Mapping
 
 from mailcloak.errors import ProtocolError
 
@@ -70,16 +69,13 @@ async def read_request_lines(reader: asyncio.StreamReader, first_line_timeout: f
     started, the whole request must arrive within `request_timeout` (slow clients). A caller that
     bounds the wait itself passes None and learns from `on_first_line` when the request started.
 
-    The meaning is that of reading line by line (`_read_lines`), which CRLF clients get. A request
-    whose first line ends in LF alone (Postfix's) is read as one block up to the empty line, and
-    its lines are checked against the same bounds afterwards: one `readuntil` instead of one per
-    line, the difference between this service and the floor in bench/.
+    A request whose first line ends in CRLF is read line by line (`_read_lines`). One whose first
+    line ends in LF alone (Postfix's) is LF-framed: it is read as one block up to the first empty
+    LF line, and its lines are checked against the same bounds afterwards — one `readuntil`
+    instead of one per line, the difference between this service and the floor in bench/. In an
+    LF-framed request a line holding only CR is a (malformed) line, not the end of the request, so
+    nothing past the request is ever consumed.
     """
-    if _read_ahead and reader in _read_ahead:
-        ahead, at_eof = _read_ahead.pop(reader)
-        lines = _from_read_ahead(reader, ahead, at_eof)
-        if lines is not _NOTHING:
-            return lines
     if first_line_timeout is None:
         raw = await _read_first_line(reader)
     else:
@@ -138,12 +134,6 @@ class Resume:
                     return done.value
 
 
-# Whole requests (or, at EOF, the bytes) read past the one returned: a block read as LF lines can
-# hold a CRLF empty line, where the request really ended. Served before the reader is read again.
-_read_ahead: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_NOTHING: Final = object()
-
-
 async def _read_lines(reader: asyncio.StreamReader, lines: list[bytes], size: int,
                       prefix: bytes = b"") -> list[bytes]:
     """The rest of a request line by line; `prefix` is the start of the next line, already read."""
@@ -177,58 +167,32 @@ async def _read_block(reader: asyncio.StreamReader, first: bytes) -> list[bytes]
         block = probe + await reader.readuntil(b"\n\n")
     except asyncio.LimitOverrunError:  # longer than the reader's limit: line by line
         return await _read_lines(reader, [first], len(first), probe)
-    except asyncio.IncompleteReadError as exc:
-        return _from_bytes(reader, [first], len(first), probe + exc.partial, True)
+    except asyncio.IncompleteReadError:
+        raise ProtocolError("connection closed in the middle of a request") from None
     if (len(block) <= MAX_LINE and len(first) + len(block) <= MAX_REQUEST
             and b"\r" not in block):
         lines = block[:-2].split(b"\n")
         if len(lines) < MAX_ATTRIBUTES:
             lines.insert(0, first)
             return lines
-    return _from_bytes(reader, [first], len(first), block, False)
+    return _from_block(block, first)
 
 
-def _from_bytes(reader: asyncio.StreamReader, lines: list[bytes], size: int, data: bytes,
-                at_eof: bool) -> list[bytes]:
-    """`_read_lines` over bytes already read; what follows the request is kept for the next call."""
-    pos = 0
-    while True:
-        if len(lines) > MAX_ATTRIBUTES:
-            raise ProtocolError(f"more than {MAX_ATTRIBUTES} attributes")
-        end = data.find(b"\n", pos)
-        if end < 0:  # only at EOF: a block always ends with an empty line
-            raise ProtocolError("connection closed in the middle of a request")
-        if end + 1 - pos > MAX_LINE:
+def _from_block(block: bytes, first: bytes) -> list[bytes]:
+    """The lines of an LF-framed block (ending in the empty line), checked against the bounds."""
+    lines = [first]
+    size = len(first)
+    for raw in block[:-2].split(b"\n"):
+        if len(raw) + 1 > MAX_LINE:
             raise ProtocolError(f"line longer than {MAX_LINE} bytes")
-        line = data[pos:end].removesuffix(b"\r")
-        pos = end + 1
+        line = raw.removesuffix(b"\r")
         size += len(line) + 1
         if size > MAX_REQUEST:
             raise ProtocolError(f"request larger than {MAX_REQUEST} bytes")
-        if not line:
-            if pos < len(data) or at_eof:
-                _read_ahead[reader] = (data[pos:], at_eof)
-            return lines
         lines.append(line)
-
-
-def _from_read_ahead(reader: asyncio.StreamReader, data: bytes, at_eof: bool):
-    """The next request from bytes read ahead; _NOTHING when they hold none and more may come."""
-    pos = 0
-    while True:
-        end = data.find(b"\n", pos)
-        if end < 0:
-            if not at_eof:
-                return _NOTHING  # only empty lines were left: read on
-            if pos < len(data):
-                raise ProtocolError("connection closed in the middle of a request")
-            return None
-        if end + 1 - pos > MAX_LINE:
-            raise ProtocolError(f"line longer than {MAX_LINE} bytes")
-        first = data[pos:end].removesuffix(b"\r")
-        pos = end + 1
-        if first:
-            return _from_bytes(reader, [first], len(first), data[pos:], at_eof)
+        if len(lines) > MAX_ATTRIBUTES:
+            raise ProtocolError(f"more than {MAX_ATTRIBUTES} attributes")
+    return lines
 
 
 async def _read_first_line(reader: asyncio.StreamReader) -> bytes | None:
