@@ -161,8 +161,6 @@ async def _read_block(reader: asyncio.StreamReader, first: bytes) -> list[bytes]
         raise ProtocolError("connection closed in the middle of a request") from None
     if probe == b"\n":
         return [first]
-    if probe == b"\r":
-        return await _read_lines(reader, [first], len(first), probe)
     try:
         block = probe + await reader.readuntil(b"\n\n")
     except asyncio.LimitOverrunError:  # longer than the reader's limit: line by line

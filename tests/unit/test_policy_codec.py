@@ -346,3 +346,11 @@ async def test_stray_empty_lines_between_requests_are_skipped():
     reader = make_reader(b"\n\nrequest=smtpd_access_policy\n\n")
     assert await read(reader) == [b"request=smtpd_access_policy"]
     assert await read(reader) is None
+
+
+async def test_cr_only_line_inside_an_lf_framed_request_is_a_malformed_line_not_its_end():
+    reader = make_reader(b"request=smtpd_access_policy\n\r\nprotocol_state=RCPT\n\n")
+    lines = await read(reader)
+    assert lines == [b"request=smtpd_access_policy", b"", b"protocol_state=RCPT"]
+    assert isinstance(parse_request(lines), MalformedRequest)
+    assert await read(reader) is None  # nothing past the request was consumed or left behind
