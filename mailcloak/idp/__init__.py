@@ -16,10 +16,6 @@ def build_provider(config: Config) -> IdentityProvider:
         from mailcloak.idp.keycloak import KeycloakProvider
 
         return KeycloakProvider(config.idp.keycloak)
-    if provider == "authentik":
-        from mailcloak.idp.authentik import AuthentikProvider
+    from mailcloak.idp.authentik import AuthentikProvider  # the config allows no other value
 
-        return AuthentikProvider(config.idp.authentik)
-    from mailcloak.errors import ConfigError
-
-    raise ConfigError(f"idp.provider {provider} is not available in this version of mailcloak")
+    return AuthentikProvider(config.idp.authentik)
