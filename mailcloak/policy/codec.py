@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Callable, Mapping
 
+from mailcloak.aio import Resume
 from mailcloak.errors import ProtocolError
 
 # Postfix's own bound is 4 x line_length_limit (2048) = 8192 bytes per string.
@@ -102,36 +103,6 @@ async def read_request_lines(reader: asyncio.StreamReader, first_line_timeout: f
             return await Resume(rest, waiting_on)
     except TimeoutError:
         raise ProtocolError("request not completed in time") from None
-
-
-class Resume:
-    """Awaits a coroutine that was run by hand (`coro.send(None)`) up to its first wait, where it
-    yielded `first`; it goes on in the awaiting task. Lets a hot path try work that usually needs no
-    waiting without paying for a timer (or a task), and bound it only when it does wait."""
-
-    __slots__ = ("coro", "first")
-
-    def __init__(self, coro, first):
-        self.coro, self.first = coro, first
-
-    def __await__(self):
-        coro, value = self.coro, self.first
-        while True:
-            try:
-                sent = yield value
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as exc:  # thrown in by the task (a timeout's cancellation)
-                try:
-                    value = coro.throw(exc)
-                except StopIteration as done:
-                    return done.value
-            else:
-                try:
-                    value = coro.send(sent)
-                except StopIteration as done:
-                    return done.value
 
 
 async def _read_lines(reader: asyncio.StreamReader, lines: list[bytes], size: int,

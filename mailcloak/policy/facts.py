@@ -12,9 +12,10 @@ import asyncio
 import logging
 
 from mailcloak.addresses import domain_of, split_extension
+from mailcloak.aio import Resume
 from mailcloak.errors import IdPError
 from mailcloak.idp.base import IdentityProvider
-from mailcloak.policy.codec import PolicyRequest, Resume
+from mailcloak.policy.codec import PolicyRequest
 from mailcloak.policy.decision import APP_METHODS, UNAVAILABLE, USER_METHODS, Facts
 from mailcloak.store.model import Snapshot
 
