@@ -25,11 +25,20 @@ class Alias:
     domain: str        # alias_domain_name
     enabled: bool
     updated_at: int
+    # Schema version 2 (lists). A one-target alias has no extra targets and policy "members".
+    extra_targets: tuple[str, ...] = ()   # further IdP usernames of a distribution list
+    send_policy: str = "members"          # who may send as it: members | nobody | listed
+    listed_senders: tuple[str, ...] = ()  # IdP usernames, for send_policy "listed"
 
     @property
     def target_address(self) -> str:
         """What the socketmap rewrites the alias to: `target_user@<domain of the alias>`."""
         return f"{self.target_user}@{self.domain}"
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """Every target username, the first one (aliases.target_user) first."""
+        return (self.target_user, *self.extra_targets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +54,10 @@ class App:
     enabled: bool
     updated_at: int
     senders: tuple[AppSender, ...] = ()
+    # Schema version 2: credentials that age.
+    description: str = ""
+    expires_at: int | None = None       # unix seconds; None = never
+    networks: tuple[str, ...] = ()      # allowed client networks (CIDR); empty = any
 
     def may_send_as(self, address: str) -> bool:
         return any(s.enabled and s.address == address for s in self.senders)

@@ -80,8 +80,44 @@ CREATE INDEX IF NOT EXISTS idx_app_from_from_addr ON app_from(from_addr);
     + _TOUCH.format(table="app_from", where="app_id = NEW.app_id AND from_addr = NEW.from_addr")
 )
 
+# Version 2 (issue #9): distribution lists, app credentials that age.
+# - A list alias keeps its first target in aliases.target_user (so a one-target alias is exactly
+#   a Go row) and its further targets in alias_targets; who may send as it is aliases.send_policy
+#   (members: its targets; nobody; listed: the users in alias_senders).
+# - A catch-all is an alias row whose alias_email is "@domain"; it needs no new column.
+# - apps gain a description, an optional expiry (unix seconds) and allowed client networks
+#   (CIDRs separated by spaces; empty = any). Last use lives in its own table, app_usage, written
+#   by the daemon: it is not part of the state the daemon answers from, so its writes never count
+#   as a change to reload.
+SCHEMA_V2 = (
+    """
+ALTER TABLE aliases ADD COLUMN send_policy TEXT NOT NULL DEFAULT 'members'
+  CHECK (send_policy IN ('members', 'nobody', 'listed'));
+CREATE TABLE IF NOT EXISTS alias_targets (
+  alias_email TEXT NOT NULL REFERENCES aliases(alias_email) ON DELETE CASCADE,
+  target_user TEXT NOT NULL,
+  position    INTEGER NOT NULL DEFAULT 0,
+  PRIMARY KEY (alias_email, target_user)
+);
+CREATE INDEX IF NOT EXISTS idx_alias_targets_target_user ON alias_targets(target_user);
+CREATE TABLE IF NOT EXISTS alias_senders (
+  alias_email TEXT NOT NULL REFERENCES aliases(alias_email) ON DELETE CASCADE,
+  sender_user TEXT NOT NULL,
+  PRIMARY KEY (alias_email, sender_user)
+);
+ALTER TABLE apps ADD COLUMN description TEXT NOT NULL DEFAULT '';
+ALTER TABLE apps ADD COLUMN expires_at INTEGER;
+ALTER TABLE apps ADD COLUMN networks TEXT NOT NULL DEFAULT '';
+CREATE TABLE IF NOT EXISTS app_usage (
+  app_id       TEXT PRIMARY KEY REFERENCES apps(app_id) ON DELETE CASCADE,
+  last_used_at INTEGER NOT NULL,
+  last_used_ip TEXT NOT NULL DEFAULT ''
+);
+"""
+)
+
 # Numbered migrations: index i holds the script that brings user_version i to i + 1. Add only.
-MIGRATIONS: tuple[str, ...] = (SCHEMA_V1,)
+MIGRATIONS: tuple[str, ...] = (SCHEMA_V1, SCHEMA_V2)
 SCHEMA_VERSION = len(MIGRATIONS)
 REQUIRED_TABLES = frozenset({"domains", "aliases", "apps", "app_from"})
 
@@ -187,17 +223,36 @@ class SQLiteStore(Store):
                     (self._data_version,) = await cur.fetchone()
                 # _text/_int: a row written by hand may hold a BLOB or a stray type (SQLite
                 # keeps what it is given); it must not stop the load (see _text).
+                # A Go database (version 1) opens as it is: the version 2 columns read as their
+                # defaults until mailcloakctl init adds them (possibly while the daemon runs).
+                async with self._conn.execute("PRAGMA user_version") as cur:
+                    (version,) = await cur.fetchone()
+                v2 = version >= 2
                 domains = [
                     Domain(_text(name), bool(enabled), _int(updated_at))
                     async for name, enabled, updated_at in self._rows(
                         "SELECT domain_name, enabled, updated_at FROM domains"
                     )
                 ]
+                extra_targets: dict[str, list[str]] = {}
+                listed_senders: dict[str, list[str]] = {}
+                if v2:
+                    async for address, target in self._rows(
+                        "SELECT alias_email, target_user FROM alias_targets "
+                        "ORDER BY alias_email, position, target_user"
+                    ):
+                        extra_targets.setdefault(_text(address), []).append(_text(target))
+                    async for address, sender in self._rows(
+                        "SELECT alias_email, sender_user FROM alias_senders ORDER BY alias_email, sender_user"
+                    ):
+                        listed_senders.setdefault(_text(address), []).append(_text(sender))
                 aliases = [
-                    Alias(_text(address), _text(target), _text(domain), bool(enabled), _int(updated_at))
-                    async for address, target, domain, enabled, updated_at in self._rows(
-                        "SELECT alias_email, target_user, alias_domain_name, enabled, updated_at "
-                        "FROM aliases"
+                    Alias(_text(address), _text(target), _text(domain), bool(enabled), _int(updated_at),
+                          tuple(extra_targets.get(_text(address), ())), _text(policy) or "members",
+                          tuple(listed_senders.get(_text(address), ())))
+                    async for address, target, domain, enabled, updated_at, policy in self._rows(
+                        "SELECT alias_email, target_user, alias_domain_name, enabled, updated_at, "
+                        + ("send_policy" if v2 else "'members'") + " FROM aliases"
                     )
                 ]
                 senders: dict[str, list[AppSender]] = {}
@@ -207,9 +262,13 @@ class SQLiteStore(Store):
                     senders.setdefault(_text(app_id), []).append(AppSender(_text(address), bool(enabled)))
                 apps = [
                     App(_text(app_id), _text(secret), bool(enabled), _int(updated_at),
-                        tuple(senders.get(_text(app_id), ())))
-                    async for app_id, secret, enabled, updated_at in self._rows(
-                        "SELECT app_id, secret_hash, enabled, updated_at FROM apps"
+                        tuple(senders.get(_text(app_id), ())), _text(description),
+                        None if expires_at is None else _int(expires_at), tuple(_text(networks).split()))
+                    async for app_id, secret, enabled, updated_at, description, expires_at, networks
+                    in self._rows(
+                        "SELECT app_id, secret_hash, enabled, updated_at, "
+                        + ("description, expires_at, networks" if v2 else "'', NULL, ''")
+                        + " FROM apps"
                     )
                 ]
             finally:

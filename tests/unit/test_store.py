@@ -45,9 +45,18 @@ def execute(path: Path, sql: str, params: tuple = ()) -> None:
         con.close()
 
 
+GO_COLUMNS = {
+    "domains": "domain_name, enabled, updated_at",
+    "aliases": "alias_email, target_user, alias_domain_name, enabled, updated_at",
+    "apps": "app_id, secret_hash, enabled, updated_at",
+    "app_from": "app_id, from_addr, enabled, updated_at",
+}
+
+
 def table_contents(path: Path) -> dict[str, list[tuple]]:
-    return {table: query(path, f"SELECT * FROM {table} ORDER BY 1, 2")
-            for table in ("domains", "aliases", "apps", "app_from")}
+    """The Go project's columns of its four tables (later versions only add columns)."""
+    return {table: query(path, f"SELECT {columns} FROM {table} ORDER BY 1, 2")
+            for table, columns in GO_COLUMNS.items()}
 
 
 def schema(path: Path) -> list[tuple]:
@@ -155,6 +164,45 @@ async def test_create_migrates_go_database_without_touching_rows(go_db):
     assert query(go_db, "PRAGMA journal_mode") == [("wal",)]
     assert table_contents(go_db) == before
     assert len(rows.domains) == 3 and len(rows.aliases) == 4 and len(rows.apps) == 1
+    # the added columns read as their defaults
+    assert {(a.send_policy, a.extra_targets) for a in rows.aliases} == {("members", ())}
+    assert {(a.description, a.expires_at, a.networks) for a in rows.apps} == {("", None, ())}
+
+
+async def test_go_database_loads_without_migration(go_db):
+    """The daemon opens a version 1 (Go) database as it is, with the version 2 fields defaulted."""
+    store = await open_store(go_db)
+    try:
+        rows = await store.load()
+    finally:
+        await store.close()
+    assert query(go_db, "PRAGMA user_version") == [(0,)]
+    assert {a.send_policy for a in rows.aliases} == {"members"}
+    assert {a.expires_at for a in rows.apps} == {None}
+
+
+async def test_version_2_columns_load(tmp_path):
+    path = tmp_path / "state.db"
+    store = await open_store(path, create=True)
+    try:
+        await store.add_domain("d1.test")
+        await store.add_alias("team@d1.test", "alice")
+        await store.add_app("app1", "{ARGON2ID}x")
+        execute(path, "UPDATE aliases SET send_policy = 'listed' WHERE alias_email = 'team@d1.test'")
+        execute(path, "INSERT INTO alias_targets VALUES ('team@d1.test', 'carol', 2), "
+                      "('team@d1.test', 'bob', 1)")
+        execute(path, "INSERT INTO alias_senders VALUES ('team@d1.test', 'dave')")
+        execute(path, "UPDATE apps SET description = 'printer', expires_at = 1900000000, "
+                      "networks = '192.0.2.0/24 2001:db8::/32'")
+        rows = await store.load()
+    finally:
+        await store.close()
+    (alias,) = rows.aliases
+    assert alias.targets == ("alice", "bob", "carol")
+    assert (alias.send_policy, alias.listed_senders) == ("listed", ("dave",))
+    (app,) = rows.apps
+    assert (app.description, app.expires_at, app.networks) == (
+        "printer", 1900000000, ("192.0.2.0/24", "2001:db8::/32"))
 
 
 @pytest.mark.parametrize("create", [False, True])
