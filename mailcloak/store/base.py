@@ -1,8 +1,9 @@
-"""The store interface. SQLite is the embedded default; PostgreSQL will implement the same.
+"""The store interface. SQLite is the embedded default; PostgreSQL implements the same.
 
 Every write is one transaction and carries the meaning the Go project's mailcloakctl gave it
 (upserts re-enable, `apps disallow` deletes, aliases need a known domain), so a second backend
-cannot drift from the first: the meaning lives in these method contracts, the SQL in the backend.
+cannot drift from the first: the meaning lives in these method contracts, and the SQL that keeps
+them in mailcloak.store.sql, shared by the SQL backends.
 """
 
 from __future__ import annotations

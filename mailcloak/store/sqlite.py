@@ -1,5 +1,8 @@
 """SQLite store (aiosqlite), compatible with the Go project's `state.db`.
 
+The statements and their meaning are mailcloak.store.sql's; this module is the connection, the
+schema and its migrations, and change detection.
+
 Schema version 1 is exactly the Go project's schema (COMPAT.md), written with `IF NOT EXISTS`, so
 that a Go database already *is* version 1 and opens as it is. Later versions only add (columns,
 tables, indexes). The daemon never writes: it checks the tables exist and refuses a database newer
@@ -15,15 +18,13 @@ import asyncio
 import contextlib
 import os
 import sqlite3
-import time
 from pathlib import Path
 
 import aiosqlite
 
 from mailcloak.config import SQLiteConfig
-from mailcloak.errors import InvalidInput, NotFound, StoreError, StoreLocked, StoreMissing
-from mailcloak.store.base import Store
-from mailcloak.store.model import Alias, App, AppSender, Domain, Rows
+from mailcloak.errors import StoreError, StoreLocked, StoreMissing
+from mailcloak.store.sql import SQLStore, Transaction
 
 _TOUCH = """
 CREATE TRIGGER IF NOT EXISTS {table}_touch_updated_at AFTER UPDATE ON {table}
@@ -128,7 +129,7 @@ def missing_message(path: str) -> str:
     return f"sqlite db not found at {path}; create it with mailcloakctl init"
 
 
-class SQLiteStore(Store):
+class SQLiteStore(SQLStore):
     def __init__(self, conn: aiosqlite.Connection, config: SQLiteConfig):
         self._conn = conn
         self._config = config
@@ -211,81 +212,39 @@ class SQLiteStore(Store):
                 f"BEGIN IMMEDIATE;\n{MIGRATIONS[target]}\nPRAGMA user_version = {target + 1};\nCOMMIT;"
             )
 
-    # Reads -------------------------------------------------------------------------------------
+    # The backend's part of SQLStore -------------------------------------------------------
 
-    async def load(self) -> Rows:
+    @contextlib.asynccontextmanager
+    async def _transaction(self, *, write: bool):
+        """IMMEDIATE for a write (the write lock is taken at once, waiting up to busy_timeout),
+        deferred for a read; committed whole, or rolled back whole on any error."""
         try:
-            await self._conn.execute("BEGIN")
-            try:
-                # What is loaded is the baseline of wait_for_change: a commit made after this
-                # point (even before wait_for_change is first called) is reported as a change.
-                async with self._conn.execute("PRAGMA data_version") as cur:
-                    (self._data_version,) = await cur.fetchone()
-                # _text/_int: a row written by hand may hold a BLOB or a stray type (SQLite
-                # keeps what it is given); it must not stop the load (see _text).
-                # A Go database (version 1) opens as it is: the version 2 columns read as their
-                # defaults until mailcloakctl init adds them (possibly while the daemon runs).
-                async with self._conn.execute("PRAGMA user_version") as cur:
-                    (version,) = await cur.fetchone()
-                v2 = version >= 2
-                domains = [
-                    Domain(_text(name), bool(enabled), _int(updated_at))
-                    async for name, enabled, updated_at in self._rows(
-                        "SELECT domain_name, enabled, updated_at FROM domains"
-                    )
-                ]
-                extra_targets: dict[str, list[str]] = {}
-                listed_senders: dict[str, list[str]] = {}
-                if v2:
-                    async for address, target in self._rows(
-                        "SELECT alias_email, target_user FROM alias_targets "
-                        "ORDER BY alias_email, position, target_user"
-                    ):
-                        extra_targets.setdefault(_text(address), []).append(_text(target))
-                    async for address, sender in self._rows(
-                        "SELECT alias_email, sender_user FROM alias_senders ORDER BY alias_email, sender_user"
-                    ):
-                        listed_senders.setdefault(_text(address), []).append(_text(sender))
-                aliases = [
-                    Alias(_text(address), _text(target), _text(domain), bool(enabled), _int(updated_at),
-                          tuple(extra_targets.get(_text(address), ())), _text(policy) or "members",
-                          tuple(listed_senders.get(_text(address), ())))
-                    async for address, target, domain, enabled, updated_at, policy in self._rows(
-                        "SELECT alias_email, target_user, alias_domain_name, enabled, updated_at, "
-                        + ("send_policy" if v2 else "'members'") + " FROM aliases"
-                    )
-                ]
-                senders: dict[str, list[AppSender]] = {}
-                async for app_id, address, enabled in self._rows(
-                    "SELECT app_id, from_addr, enabled FROM app_from ORDER BY app_id, from_addr"
-                ):
-                    senders.setdefault(_text(app_id), []).append(AppSender(_text(address), bool(enabled)))
-                apps = [
-                    App(_text(app_id), _text(secret), bool(enabled), _int(updated_at),
-                        tuple(senders.get(_text(app_id), ())), _text(description),
-                        None if expires_at is None else _int(expires_at), tuple(_text(networks).split()))
-                    async for app_id, secret, enabled, updated_at, description, expires_at, networks
-                    in self._rows(
-                        "SELECT app_id, secret_hash, enabled, updated_at, "
-                        + ("description, expires_at, networks" if v2 else "'', NULL, ''")
-                        + " FROM apps"
-                    )
-                ]
-            finally:
-                await self._conn.execute("COMMIT")
+            await self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         except sqlite3.Error as exc:
             raise _store_error(exc, self.location) from None
-        return Rows(tuple(domains), tuple(aliases), tuple(apps))
+        try:
+            yield _Transaction(self._conn)
+        except BaseException as exc:
+            with contextlib.suppress(sqlite3.Error):
+                await self._conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise _store_error(exc, self.location) from None
+            raise
+        try:
+            await self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                await self._conn.execute("ROLLBACK")
+            raise _store_error(exc, self.location) from None
 
-    async def _rows(self, sql: str, params: tuple = ()):
-        async with self._conn.execute(sql, params) as cur:
-            while True:
-                chunk = await cur.fetchmany(_CHUNK)
-                if not chunk:
-                    return
-                for row in chunk:
-                    yield row
-                await asyncio.sleep(0)
+    async def _schema_version(self, tx: Transaction) -> int:
+        (version,) = await tx.fetchone("PRAGMA user_version")
+        return int(version)
+
+    async def _load_started(self, tx: Transaction) -> None:
+        # What is loaded is the baseline of wait_for_change: a commit made after this point
+        # (even before wait_for_change is first called) is reported as a change.
+        (self._data_version,) = await tx.fetchone("PRAGMA data_version")
 
     async def wait_for_change(self) -> None:
         while True:
@@ -301,148 +260,30 @@ class SQLiteStore(Store):
                     return
             await asyncio.sleep(self._poll_interval)
 
-    # Writes ------------------------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def _transaction(self):
-        """One IMMEDIATE transaction: committed whole, or rolled back whole on any error."""
-        try:
-            await self._conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise _store_error(exc, self.location) from None
-        try:
-            yield self._conn
-        except BaseException as exc:
-            await self._conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
-                raise _store_error(exc, self.location) from None
-            raise
-        try:
-            await self._conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            await self._conn.execute("ROLLBACK")
-            raise _store_error(exc, self.location) from None
+class _Transaction:
+    """sql.Transaction over an aiosqlite connection inside BEGIN ... COMMIT."""
 
-    async def _write(self, sql: str, params: tuple) -> int:
-        """Run one statement in its own transaction; return its rowcount."""
-        async with self._transaction() as conn:
-            async with conn.execute(sql, params) as cur:
-                return cur.rowcount
+    def __init__(self, conn: aiosqlite.Connection):
+        self._conn = conn
 
-    async def _one(self, sql: str, params: tuple):
-        try:
-            async with self._conn.execute(sql, params) as cur:
-                return await cur.fetchone()
-        except sqlite3.Error as exc:
-            raise _store_error(exc, self.location) from None
+    async def execute(self, sql: str, params: tuple = ()) -> int:
+        async with self._conn.execute(sql, params) as cur:
+            return cur.rowcount
 
-    async def add_domain(self, domain: str) -> None:
-        await self._write(
-            "INSERT INTO domains(domain_name, enabled, updated_at) VALUES (?, 1, ?) "
-            "ON CONFLICT(domain_name) DO UPDATE SET enabled = 1, updated_at = excluded.updated_at",
-            (domain, _now()),
-        )
+    async def fetchone(self, sql: str, params: tuple = ()) -> tuple | None:
+        async with self._conn.execute(sql, params) as cur:
+            return await cur.fetchone()
 
-    async def set_domain_enabled(self, domain: str, enabled: bool) -> None:
-        count = await self._write(
-            "UPDATE domains SET enabled = ?, updated_at = ? WHERE domain_name = ?",
-            (int(enabled), _now(), domain),
-        )
-        if not count:
-            raise NotFound(f"domain not found: {domain}")
-
-    async def delete_domain(self, domain: str) -> None:
-        count = await self._write("DELETE FROM domains WHERE domain_name = ?", (domain,))
-        if not count:
-            raise NotFound(f"domain not found: {domain}")
-
-    async def add_alias(self, alias: str, target_user: str) -> None:
-        domain = alias.rpartition("@")[2]
-        # The domain check and the upsert share one transaction, so nothing is half-written.
-        async with self._transaction() as conn:
-            async with conn.execute("SELECT enabled FROM domains WHERE domain_name = ?", (domain,)) as cur:
-                row = await cur.fetchone()
-            if row is None:
-                raise NotFound(f"domain not found: {domain}")
-            if not row[0]:
-                raise InvalidInput(f"domain disabled: {domain}")
-            await conn.execute(
-                "INSERT INTO aliases(alias_email, target_user, alias_domain_name, enabled, updated_at) "
-                "VALUES (?, ?, ?, 1, ?) ON CONFLICT(alias_email) DO UPDATE SET "
-                "target_user = excluded.target_user, enabled = 1, updated_at = excluded.updated_at",
-                (alias, target_user, domain, _now()),
-            )
-
-    async def set_alias_enabled(self, alias: str, enabled: bool) -> None:
-        count = await self._write(
-            "UPDATE aliases SET enabled = ?, updated_at = ? WHERE alias_email = ?",
-            (int(enabled), _now(), alias),
-        )
-        if not count:
-            raise NotFound(f"alias not found: {alias}")
-
-    async def delete_alias(self, alias: str) -> None:
-        count = await self._write("DELETE FROM aliases WHERE alias_email = ?", (alias,))
-        if not count:
-            raise NotFound(f"alias not found: {alias}")
-
-    async def add_app(self, app_id: str, secret_hash: str) -> None:
-        async with self._transaction() as conn:
-            async with conn.execute(
-                "SELECT app_id FROM apps WHERE lower(app_id) = lower(?) AND app_id <> ?",
-                (app_id, app_id),
-            ) as cur:
-                clash = await cur.fetchone()
-            if clash is not None:
-                raise InvalidInput(f"app id {app_id!r} differs from existing app {clash[0]!r} only in case")
-            await conn.execute(
-                "INSERT INTO apps(app_id, secret_hash, enabled, updated_at) VALUES (?, ?, 1, ?) "
-                "ON CONFLICT(app_id) DO UPDATE SET secret_hash = excluded.secret_hash, "
-                "enabled = 1, updated_at = excluded.updated_at",
-                (app_id, secret_hash, _now()),
-            )
-
-    async def _app_id(self, app_id: str) -> str:
-        """The stored spelling of an app id matched case-insensitively."""
-        row = await self._one(
-            "SELECT app_id FROM apps WHERE app_id = ? OR lower(app_id) = lower(?) "
-            "ORDER BY app_id = ? DESC LIMIT 1",
-            (app_id, app_id, app_id),
-        )
-        if row is None:
-            raise NotFound(f"app not found: {app_id}")
-        return row[0]
-
-    async def set_app_enabled(self, app_id: str, enabled: bool) -> None:
-        stored = await self._app_id(app_id)
-        count = await self._write(
-            "UPDATE apps SET enabled = ?, updated_at = ? WHERE app_id = ?",
-            (int(enabled), _now(), stored),
-        )
-        if not count:
-            raise NotFound(f"app not found: {app_id}")
-
-    async def delete_app(self, app_id: str) -> None:
-        stored = await self._app_id(app_id)
-        count = await self._write("DELETE FROM apps WHERE app_id = ?", (stored,))
-        if not count:
-            raise NotFound(f"app not found: {app_id}")
-
-    async def allow_sender(self, app_id: str, address: str) -> None:
-        stored = await self._app_id(app_id)
-        await self._write(
-            "INSERT INTO app_from(app_id, from_addr, enabled, updated_at) VALUES (?, ?, 1, ?) "
-            "ON CONFLICT(app_id, from_addr) DO UPDATE SET enabled = 1, updated_at = excluded.updated_at",
-            (stored, address, _now()),
-        )
-
-    async def disallow_sender(self, app_id: str, address: str) -> None:
-        stored = await self._app_id(app_id)
-        count = await self._write(
-            "DELETE FROM app_from WHERE app_id = ? AND from_addr = ?", (stored, address)
-        )
-        if not count:
-            raise NotFound(f"app {stored} is not allowed to send as {address}")
+    async def rows(self, sql: str, params: tuple = ()):
+        async with self._conn.execute(sql, params) as cur:
+            while True:
+                chunk = await cur.fetchmany(_CHUNK)
+                if not chunk:
+                    return
+                for row in chunk:
+                    yield row
+                await asyncio.sleep(0)
 
 
 async def _connect(config: SQLiteConfig, create: bool) -> aiosqlite.Connection:
@@ -459,29 +300,6 @@ async def _connect(config: SQLiteConfig, create: bool) -> aiosqlite.Connection:
         await conn.close()
         raise _store_error(exc, config.path) from None
     return conn
-
-
-def _now() -> int:
-    return int(time.time())
-
-
-def _text(value) -> str:
-    """A TEXT column as str. SQLite stores whatever a hand-written row gives it: a BLOB is read as
-    the UTF-8 text it holds (Go's database/sql does the same), undecodable bytes as U+FFFD, NULL
-    as "" (then refused by the row checks of mailcloak.state), a number as its digits."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return "" if value is None else str(value)
-
-
-def _int(value) -> int:
-    """An INTEGER column such as updated_at; 0 when a hand-written row holds something else."""
-    try:
-        return int(value or 0)
-    except (TypeError, ValueError):
-        return 0
 
 
 def _quote(path: str) -> str:

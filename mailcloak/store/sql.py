@@ -1,0 +1,241 @@
+"""The queries of every SQL store, and what they mean, written once.
+
+SQLite and PostgreSQL understand the same statements here (`INSERT ... ON CONFLICT ... DO UPDATE`,
+`excluded.`, `lower()`), written with `?` placeholders; a backend supplies only the connection:
+a transaction that runs them (translating placeholders and mapping its driver's errors to
+StoreError), the schema version, and how it notices other writers. So the meaning of a write
+(upserts re-enable, aliases need an enabled domain, app ids match case-insensitively) cannot
+drift between backends.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import abstractmethod
+from contextlib import AbstractAsyncContextManager
+from typing import AsyncIterator, Protocol
+
+from mailcloak.errors import InvalidInput, NotFound
+from mailcloak.store.base import Store
+from mailcloak.store.model import Alias, App, AppSender, Domain, Rows
+
+
+class Transaction(Protocol):
+    """One open transaction of a backend. SQL uses `?` placeholders."""
+
+    async def execute(self, sql: str, params: tuple = ()) -> int:
+        """Run a statement; return the number of rows it changed."""
+
+    async def fetchone(self, sql: str, params: tuple = ()) -> tuple | None: ...
+
+    def rows(self, sql: str, params: tuple = ()) -> AsyncIterator[tuple]:
+        """Every row, fetched in chunks that give the event loop a turn in between."""
+
+
+class SQLStore(Store):
+    """A Store whose reads and writes are the statements below."""
+
+    @abstractmethod
+    def _transaction(self, *, write: bool) -> AbstractAsyncContextManager[Transaction]:
+        """A transaction committed whole or rolled back whole; `write=False` for a consistent
+        read. Driver errors leave it as StoreError (StoreLocked when another writer holds it)."""
+
+    @abstractmethod
+    async def _schema_version(self, tx: Transaction) -> int: ...
+
+    async def _load_started(self, tx: Transaction) -> None:
+        """Called first inside `load()`'s transaction: the point after which another writer's
+        commit must be reported by wait_for_change."""
+
+    # Reads -------------------------------------------------------------------------------------
+
+    async def load(self) -> Rows:
+        async with self._transaction(write=False) as tx:
+            await self._load_started(tx)
+            # A Go database (version 1) opens as it is: the version 2 columns read as their
+            # defaults until mailcloakctl init adds them (possibly while the daemon runs).
+            v2 = await self._schema_version(tx) >= 2
+            # _text/_int: a row written by hand may hold a BLOB or a stray type (SQLite keeps
+            # what it is given); it must not stop the load (see _text).
+            domains = [
+                Domain(_text(name), bool(enabled), _int(updated_at))
+                async for name, enabled, updated_at in tx.rows(
+                    "SELECT domain_name, enabled, updated_at FROM domains"
+                )
+            ]
+            extra_targets: dict[str, list[str]] = {}
+            listed_senders: dict[str, list[str]] = {}
+            if v2:
+                async for address, target in tx.rows(
+                    "SELECT alias_email, target_user FROM alias_targets "
+                    "ORDER BY alias_email, position, target_user"
+                ):
+                    extra_targets.setdefault(_text(address), []).append(_text(target))
+                async for address, sender in tx.rows(
+                    "SELECT alias_email, sender_user FROM alias_senders ORDER BY alias_email, sender_user"
+                ):
+                    listed_senders.setdefault(_text(address), []).append(_text(sender))
+            aliases = [
+                Alias(_text(address), _text(target), _text(domain), bool(enabled), _int(updated_at),
+                      tuple(extra_targets.get(_text(address), ())), _text(policy) or "members",
+                      tuple(listed_senders.get(_text(address), ())))
+                async for address, target, domain, enabled, updated_at, policy in tx.rows(
+                    "SELECT alias_email, target_user, alias_domain_name, enabled, updated_at, "
+                    + ("send_policy" if v2 else "'members'") + " FROM aliases"
+                )
+            ]
+            senders: dict[str, list[AppSender]] = {}
+            async for app_id, address, enabled in tx.rows(
+                "SELECT app_id, from_addr, enabled FROM app_from ORDER BY app_id, from_addr"
+            ):
+                senders.setdefault(_text(app_id), []).append(AppSender(_text(address), bool(enabled)))
+            apps = [
+                App(_text(app_id), _text(secret), bool(enabled), _int(updated_at),
+                    tuple(senders.get(_text(app_id), ())), _text(description),
+                    None if expires_at is None else _int(expires_at), tuple(_text(networks).split()))
+                async for app_id, secret, enabled, updated_at, description, expires_at, networks
+                in tx.rows(
+                    "SELECT app_id, secret_hash, enabled, updated_at, "
+                    + ("description, expires_at, networks" if v2 else "'', NULL, ''")
+                    + " FROM apps"
+                )
+            ]
+        return Rows(tuple(domains), tuple(aliases), tuple(apps))
+
+    # Writes ------------------------------------------------------------------------------------
+
+    async def _write(self, sql: str, params: tuple) -> int:
+        """Run one statement in its own transaction; return its row count."""
+        async with self._transaction(write=True) as tx:
+            return await tx.execute(sql, params)
+
+    async def add_domain(self, domain: str) -> None:
+        await self._write(
+            "INSERT INTO domains(domain_name, enabled, updated_at) VALUES (?, 1, ?) "
+            "ON CONFLICT(domain_name) DO UPDATE SET enabled = 1, updated_at = excluded.updated_at",
+            (domain, _now()),
+        )
+
+    async def set_domain_enabled(self, domain: str, enabled: bool) -> None:
+        count = await self._write(
+            "UPDATE domains SET enabled = ?, updated_at = ? WHERE domain_name = ?",
+            (int(enabled), _now(), domain),
+        )
+        if not count:
+            raise NotFound(f"domain not found: {domain}")
+
+    async def delete_domain(self, domain: str) -> None:
+        count = await self._write("DELETE FROM domains WHERE domain_name = ?", (domain,))
+        if not count:
+            raise NotFound(f"domain not found: {domain}")
+
+    async def add_alias(self, alias: str, target_user: str) -> None:
+        domain = alias.rpartition("@")[2]
+        # The domain check and the upsert share one transaction, so nothing is half-written.
+        async with self._transaction(write=True) as tx:
+            row = await tx.fetchone("SELECT enabled FROM domains WHERE domain_name = ?", (domain,))
+            if row is None:
+                raise NotFound(f"domain not found: {domain}")
+            if not row[0]:
+                raise InvalidInput(f"domain disabled: {domain}")
+            await tx.execute(
+                "INSERT INTO aliases(alias_email, target_user, alias_domain_name, enabled, updated_at) "
+                "VALUES (?, ?, ?, 1, ?) ON CONFLICT(alias_email) DO UPDATE SET "
+                "target_user = excluded.target_user, enabled = 1, updated_at = excluded.updated_at",
+                (alias, target_user, domain, _now()),
+            )
+
+    async def set_alias_enabled(self, alias: str, enabled: bool) -> None:
+        count = await self._write(
+            "UPDATE aliases SET enabled = ?, updated_at = ? WHERE alias_email = ?",
+            (int(enabled), _now(), alias),
+        )
+        if not count:
+            raise NotFound(f"alias not found: {alias}")
+
+    async def delete_alias(self, alias: str) -> None:
+        count = await self._write("DELETE FROM aliases WHERE alias_email = ?", (alias,))
+        if not count:
+            raise NotFound(f"alias not found: {alias}")
+
+    async def add_app(self, app_id: str, secret_hash: str) -> None:
+        async with self._transaction(write=True) as tx:
+            clash = await tx.fetchone(
+                "SELECT app_id FROM apps WHERE lower(app_id) = lower(?) AND app_id <> ?",
+                (app_id, app_id),
+            )
+            if clash is not None:
+                raise InvalidInput(f"app id {app_id!r} differs from existing app {clash[0]!r} only in case")
+            await tx.execute(
+                "INSERT INTO apps(app_id, secret_hash, enabled, updated_at) VALUES (?, ?, 1, ?) "
+                "ON CONFLICT(app_id) DO UPDATE SET secret_hash = excluded.secret_hash, "
+                "enabled = 1, updated_at = excluded.updated_at",
+                (app_id, secret_hash, _now()),
+            )
+
+    @staticmethod
+    async def _app_id(tx: Transaction, app_id: str) -> str:
+        """The stored spelling of an app id matched case-insensitively, read in the transaction
+        that then writes with it."""
+        row = await tx.fetchone(
+            "SELECT app_id FROM apps WHERE app_id = ? OR lower(app_id) = lower(?) "
+            "ORDER BY app_id = ? DESC LIMIT 1",
+            (app_id, app_id, app_id),
+        )
+        if row is None:
+            raise NotFound(f"app not found: {app_id}")
+        return row[0]
+
+    async def set_app_enabled(self, app_id: str, enabled: bool) -> None:
+        async with self._transaction(write=True) as tx:
+            stored = await self._app_id(tx, app_id)
+            await tx.execute(
+                "UPDATE apps SET enabled = ?, updated_at = ? WHERE app_id = ?",
+                (int(enabled), _now(), stored),
+            )
+
+    async def delete_app(self, app_id: str) -> None:
+        async with self._transaction(write=True) as tx:
+            stored = await self._app_id(tx, app_id)
+            await tx.execute("DELETE FROM apps WHERE app_id = ?", (stored,))
+
+    async def allow_sender(self, app_id: str, address: str) -> None:
+        async with self._transaction(write=True) as tx:
+            stored = await self._app_id(tx, app_id)
+            await tx.execute(
+                "INSERT INTO app_from(app_id, from_addr, enabled, updated_at) VALUES (?, ?, 1, ?) "
+                "ON CONFLICT(app_id, from_addr) DO UPDATE SET enabled = 1, updated_at = excluded.updated_at",
+                (stored, address, _now()),
+            )
+
+    async def disallow_sender(self, app_id: str, address: str) -> None:
+        async with self._transaction(write=True) as tx:
+            stored = await self._app_id(tx, app_id)
+            count = await tx.execute(
+                "DELETE FROM app_from WHERE app_id = ? AND from_addr = ?", (stored, address)
+            )
+            if not count:
+                raise NotFound(f"app {stored} is not allowed to send as {address}")
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def _text(value) -> str:
+    """A TEXT column as str. SQLite stores whatever a hand-written row gives it: a BLOB is read as
+    the UTF-8 text it holds (Go's database/sql does the same), undecodable bytes as U+FFFD, NULL
+    as "" (then refused by the row checks of mailcloak.state), a number as its digits."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return "" if value is None else str(value)
+
+
+def _int(value) -> int:
+    """An INTEGER column such as updated_at; 0 when a hand-written row holds something else."""
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
