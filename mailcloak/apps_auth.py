@@ -9,11 +9,17 @@ unknown login):
 
 1. the (login, remote IP) pair is throttled after repeated failures: wait, then go on;
 2. unknown login → verify against a dummy hash, answer `user_unknown`;
-3. wrong password → `password_mismatch`;
-4. right password, app disabled → `user_disabled`;
-5. right password, service other than `smtp`/`submission` (IMAP, POP3, ManageSieve, doveadm, …)
-   → `user_disabled` (apps send mail; they never read it);
-6. otherwise `ok`.
+3. the app may not log in for this request, whatever the password (`refusal`, a pure function of
+   the app row, the service, the remote IP and the time) → verify against the dummy hash, answer
+   `user_disabled` with the reason: the app is disabled; it expired (`expires_at` passed); the
+   remote IP is outside its `networks` (or absent, as for doveadm, or not an address: fail
+   closed); the service is other than `smtp`/`submission` (IMAP, POP3, ManageSieve, doveadm, …:
+   apps send mail, they never read it). The app's own hash is never tried, so a client refused
+   by these rules (say, from another network) cannot use the answer to probe passwords; and
+   they are checked on every attempt, a cached verification included, so an app that expires
+   while cached is refused at once;
+4. wrong password → `password_mismatch`;
+5. otherwise `ok`, and the login is recorded as the app's last use (mailcloak.app_usage).
 
 argon2id (~50-300 ms, 64 MiB, memory-bound) runs in a small dedicated thread pool, never on the
 event loop. The queue in front of it is bounded: when the verifications already waiting would
@@ -34,6 +40,7 @@ import asyncio
 import enum
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 import secrets
@@ -45,6 +52,7 @@ from typing import Awaitable, Callable
 
 from cachetools import TTLCache
 
+from mailcloak.app_usage import UsageRecorder
 from mailcloak.passwords import hash_secret, verify_secret
 from mailcloak.store.model import App, Snapshot
 
@@ -75,6 +83,50 @@ class AuthOutcome:
     app_id: str = ""          # the app's id as stored (case kept), when the login named one
     cached: bool = False      # the password check came from the verification cache
     delayed: float = 0.0      # seconds the throttle made this attempt wait
+
+
+# --- the rules that do not depend on the password -------------------------------------------
+
+
+def refusal(app: App, service: str, remote_ip: str, now: float) -> str | None:
+    """Why `app` may not log in for this request whatever the password, or None when it may.
+    `service` is lower-case; `now` is unix seconds."""
+    if not app.enabled:
+        return "app disabled"
+    if app.expires_at is not None and now >= app.expires_at:
+        return f"app expired at {format_utc(app.expires_at)}"
+    if app.networks:
+        outside = _network_refusal(app.networks, remote_ip)
+        if outside:
+            return outside
+    if service not in SENDING_SERVICES:
+        return (f"apps may authenticate only for sending (smtp, submission), "
+                f"not {service or 'an unnamed service'}")
+    return None
+
+
+def _network_refusal(networks: tuple[str, ...], remote_ip: str) -> str | None:
+    if not remote_ip.strip():
+        return "no remote IP to check against the app's networks"
+    try:
+        address = ipaddress.ip_address(remote_ip.strip())
+    except ValueError:
+        return f"remote IP {remote_ip!r} is not an address"
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    for text in networks:
+        try:
+            network = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            continue   # mailcloakctl refuses these; one written by hand matches nothing
+        if address in network:
+            return None
+    return f"remote IP {address} is outside the app's networks"
+
+
+def format_utc(seconds: int) -> str:
+    """Unix seconds as ISO 8601 UTC, the form mailcloakctl shows and reads."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 # --- throttle ---------------------------------------------------------------------------------
@@ -203,7 +255,8 @@ class AppAuthenticator:
                  throttle: FailureThrottle | None = None, workers: int | None = None,
                  max_pending: int = 64, max_queue_seconds: float = 8.0,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 dummy_hash: str | None = None):
+                 dummy_hash: str | None = None, usage: UsageRecorder | None = None,
+                 wall_clock: Callable[[], float] = time.time):
         self._verify = verify
         self.cache = cache if cache is not None else VerificationCache()
         self.throttle = throttle if throttle is not None else FailureThrottle()
@@ -215,6 +268,8 @@ class AppAuthenticator:
         self._verify_seconds = 0.0       # moving average of one verification's wall time
         self._sleep = sleep
         self._dummy_hash = dummy_hash
+        self.usage = usage if usage is not None else UsageRecorder(wall_clock)
+        self._wall_clock = wall_clock
         # Answers by result, plus "cached", "throttled" and "busy" (for metrics).
         self.counters: Counter[str] = Counter()
 
@@ -263,8 +318,9 @@ class AppAuthenticator:
         if snapshot is None:
             return AuthOutcome(Result.INTERNAL_FAILURE, "database state not loaded yet", delayed=delay)
         app = snapshot.app(login)
+        refused = refusal(app, service, remote_ip, self._wall_clock()) if app is not None else None
         cached = False
-        if app is not None and self.cache.hit(app, password):
+        if app is not None and refused is None and self.cache.hit(app, password):
             matches = cached = True
         else:
             if self._pending >= self._max_pending or self.queue_seconds() > self._max_queue_seconds:
@@ -275,7 +331,7 @@ class AppAuthenticator:
                 return AuthOutcome(Result.INTERNAL_FAILURE, "busy", delayed=delay)
             self._pending += 1
             try:
-                if app is None:
+                if app is None or refused is not None:
                     await self._run_verify(await self._dummy(), password)
                     matches = False
                 else:
@@ -287,17 +343,14 @@ class AppAuthenticator:
 
         if app is None:
             outcome = AuthOutcome(Result.USER_UNKNOWN, "unknown app", delayed=delay)
+        elif refused is not None:
+            outcome = AuthOutcome(Result.USER_DISABLED, refused, app.app_id, delayed=delay)
         elif not matches:
             outcome = AuthOutcome(Result.PASSWORD_MISMATCH, "password mismatch", app.app_id,
                                   delayed=delay)
-        elif not app.enabled:
-            outcome = AuthOutcome(Result.USER_DISABLED, "app disabled", app.app_id, cached, delay)
-        elif service not in SENDING_SERVICES:
-            outcome = AuthOutcome(Result.USER_DISABLED,
-                                  f"apps may authenticate only for sending (smtp, submission), "
-                                  f"not {service or 'an unnamed service'}", app.app_id, cached, delay)
         else:
             outcome = AuthOutcome(Result.OK, "", app.app_id, cached, delay)
+            self.usage.record(app.app_id, remote_ip)
 
         self._account(outcome, login, service, remote_ip)
         return outcome
@@ -320,4 +373,4 @@ class AppAuthenticator:
             log.debug("app auth ok app=%s service=%s rip=%s%s", outcome.app_id, service,
                       remote_ip or "-", " (cached)" if outcome.cached else "")
         elif outcome.result is Result.USER_DISABLED:
-            log.info("app auth refused (%s) %s", outcome.reason, where)
+            log.info("app auth refused (%s) %s app=%s", outcome.reason, where, outcome.app_id)

@@ -21,6 +21,11 @@ class StoreLocked(StoreError):
     """Another writer held the database longer than the configured wait."""
 
 
+class SchemaOutdated(StoreError):
+    """A write needs a newer schema than the database has (a Go database: version 1); the
+    message tells to run `mailcloakctl init`."""
+
+
 class InvalidInput(MailcloakError):
     """An argument given by an administrator is malformed (address, domain, app id, password)."""
 

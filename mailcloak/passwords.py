@@ -18,6 +18,11 @@ HASHER = PasswordHasher(time_cost=3, memory_cost=65536, parallelism=1, hash_len=
                         type=Type.ID)
 
 
+# The secret of an app created by `mailcloakctl import` (exports carry no secrets): not a PHC
+# string, so neither mailcloak nor Dovecot's `passdb sql` ever verifies a password against it.
+NO_SECRET = SCHEME_PREFIX + "!no-secret-set"
+
+
 def hash_secret(secret: str) -> str:
     return SCHEME_PREFIX + HASHER.hash(secret)
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from mailcloak.store.model import Rows
+from typing import Mapping
+
+from mailcloak.store.model import AppSettings, AppUsage, Rows
 
 
 class Store(ABC):
@@ -61,9 +63,15 @@ class Store(ABC):
     async def delete_alias(self, alias: str) -> None: ...
 
     @abstractmethod
-    async def add_app(self, app_id: str, secret_hash: str) -> None:
+    async def add_app(self, app_id: str, secret_hash: str, settings: AppSettings = AppSettings()) -> None:
         """Upsert that re-enables and replaces the secret. An id that differs from an existing
-        one only in case is refused."""
+        one only in case is refused. `settings` fields not at KEEP are written in the same
+        transaction (SchemaOutdated on a version 1 database)."""
+
+    @abstractmethod
+    async def set_app_settings(self, app_id: str, settings: AppSettings) -> None:
+        """Change description, expiry or networks, leaving the secret, the enabled flag and the
+        senders alone. SchemaOutdated on a version 1 database."""
 
     @abstractmethod
     async def set_app_enabled(self, app_id: str, enabled: bool) -> None: ...
@@ -78,3 +86,29 @@ class Store(ABC):
     @abstractmethod
     async def disallow_sender(self, app_id: str, address: str) -> None:
         """Delete the row."""
+
+    # Last use: written by the daemon, read by `apps list`; not part of `load()`, so that these
+    # writes never count as a change (wait_for_change must not report them) ---------------------
+
+    @abstractmethod
+    async def record_app_usage(self, usage: Mapping[str, AppUsage]) -> None:
+        """Upsert last use by stored app id, in one transaction; a use older than the stored one
+        and an app deleted meanwhile are skipped. SchemaOutdated on a version 1 database."""
+
+    @abstractmethod
+    async def app_usage(self) -> dict[str, AppUsage]:
+        """Last use by stored app id; empty on a version 1 database."""
+
+    # Import ------------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def import_rows(self, rows: Rows, *, replace: bool) -> tuple[str, ...]:
+        """Write domains, aliases (with their list targets, send policy and listed senders) and
+        apps (settings and senders; secrets are not in `rows`) in one transaction, all or nothing.
+
+        Each object in `rows` ends up as `rows` says, its sub-lists included; objects not in
+        `rows` are kept, or deleted with `replace=True`. An existing app (matched
+        case-insensitively) keeps its secret; a new one is created disabled with a secret that
+        matches no password, whatever `rows` says. Returns the ids of the apps created. NotFound
+        when an alias's domain is neither in `rows` nor (merging) in the database;
+        SchemaOutdated on a version 1 database."""

@@ -63,6 +63,46 @@ class App:
         return any(s.enabled and s.address == address for s in self.senders)
 
 
+class _Keep:
+    """The type of KEEP."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP = _Keep()  # an AppSettings field left as it is in the database
+
+
+@dataclass(frozen=True, slots=True)
+class AppSettings:
+    """The settings of an app besides its secret and senders, as one write changes them: a field
+    at KEEP is left as stored (`expires_at=None` means "never expires", so None cannot mean
+    "unchanged")."""
+
+    description: str | _Keep = KEEP
+    expires_at: int | None | _Keep = KEEP
+    networks: tuple[str, ...] | _Keep = KEEP
+
+    def changes(self) -> dict[str, object]:
+        """The fields to write, by column name (networks as the stored space-separated text)."""
+        out: dict[str, object] = {}
+        if self.description is not KEEP:
+            out["description"] = self.description
+        if self.expires_at is not KEEP:
+            out["expires_at"] = self.expires_at
+        if self.networks is not KEEP:
+            out["networks"] = " ".join(self.networks)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class AppUsage:
+    """When and from where an app last logged in (table app_usage; not part of the snapshot)."""
+
+    last_used_at: int
+    last_used_ip: str
+
+
 @dataclass(frozen=True, slots=True)
 class Rows:
     """Everything in the database, as loaded in one read transaction."""

@@ -15,9 +15,10 @@ from abc import abstractmethod
 from contextlib import AbstractAsyncContextManager
 from typing import AsyncIterator, Protocol
 
-from mailcloak.errors import InvalidInput, NotFound
+from mailcloak.errors import InvalidInput, NotFound, SchemaOutdated
+from mailcloak.passwords import NO_SECRET
 from mailcloak.store.base import Store
-from mailcloak.store.model import Alias, App, AppSender, Domain, Rows
+from mailcloak.store.model import Alias, App, AppSender, AppSettings, AppUsage, Domain, Rows
 
 
 class Transaction(Protocol):
@@ -158,7 +159,7 @@ class SQLStore(Store):
         if not count:
             raise NotFound(f"alias not found: {alias}")
 
-    async def add_app(self, app_id: str, secret_hash: str) -> None:
+    async def add_app(self, app_id: str, secret_hash: str, settings: AppSettings = AppSettings()) -> None:
         async with self._transaction(write=True) as tx:
             clash = await tx.fetchone(
                 "SELECT app_id FROM apps WHERE lower(app_id) = lower(?) AND app_id <> ?",
@@ -172,6 +173,7 @@ class SQLStore(Store):
                 "enabled = 1, updated_at = excluded.updated_at",
                 (app_id, secret_hash, _now()),
             )
+            await self._write_app_settings(tx, app_id, settings)
 
     @staticmethod
     async def _app_id(tx: Transaction, app_id: str) -> str:
@@ -216,6 +218,149 @@ class SQLStore(Store):
             )
             if not count:
                 raise NotFound(f"app {stored} is not allowed to send as {address}")
+
+    # Version 2 writes ------------------------------------------------------------------------
+
+    async def _require_v2(self, tx: Transaction, what: str) -> None:
+        """SchemaOutdated, one line that says what to do, instead of an SQL error about a
+        missing column on a Go (version 1) database."""
+        if await self._schema_version(tx) < 2:
+            raise SchemaOutdated(
+                f"database {self.location} has the Go project's schema (version 1); {what} "
+                "needs version 2: run mailcloakctl init"
+            )
+
+    async def _write_app_settings(self, tx: Transaction, stored_id: str, settings: AppSettings) -> None:
+        changes = settings.changes()
+        if not changes:
+            return
+        await self._require_v2(tx, "app description, expiry and networks")
+        # Column names come from AppSettings.changes(), a fixed set; values are parameters.
+        assignments = ", ".join(f"{column} = ?" for column in changes)
+        await tx.execute(
+            f"UPDATE apps SET {assignments}, updated_at = ? WHERE app_id = ?",
+            (*changes.values(), _now(), stored_id),
+        )
+
+    async def set_app_settings(self, app_id: str, settings: AppSettings) -> None:
+        async with self._transaction(write=True) as tx:
+            await self._require_v2(tx, "app description, expiry and networks")
+            await self._write_app_settings(tx, await self._app_id(tx, app_id), settings)
+
+    async def record_app_usage(self, usage) -> None:
+        if not usage:
+            return
+        async with self._transaction(write=True) as tx:
+            await self._require_v2(tx, "recording when apps were last used")
+            for app_id, use in usage.items():
+                # INSERT ... SELECT skips an app deleted since the login (no foreign-key error
+                # for the whole batch); the WHERE keeps a later use recorded meanwhile.
+                await tx.execute(
+                    "INSERT INTO app_usage(app_id, last_used_at, last_used_ip) "
+                    "SELECT app_id, ?, ? FROM apps WHERE app_id = ? "
+                    "ON CONFLICT(app_id) DO UPDATE SET last_used_at = excluded.last_used_at, "
+                    "last_used_ip = excluded.last_used_ip "
+                    "WHERE excluded.last_used_at >= app_usage.last_used_at",
+                    (use.last_used_at, use.last_used_ip, app_id),
+                )
+
+    async def app_usage(self) -> dict[str, AppUsage]:
+        async with self._transaction(write=False) as tx:
+            if await self._schema_version(tx) < 2:
+                return {}
+            return {
+                _text(app_id): AppUsage(_int(used_at), _text(ip))
+                async for app_id, used_at, ip in tx.rows(
+                    "SELECT app_id, last_used_at, last_used_ip FROM app_usage"
+                )
+            }
+
+    async def import_rows(self, rows: Rows, *, replace: bool) -> tuple[str, ...]:
+        now = _now()
+        created: list[str] = []
+        async with self._transaction(write=True) as tx:
+            await self._require_v2(tx, "import")
+            if replace:
+                await self._delete_absent(tx, "apps", "app_id", {a.app_id.lower() for a in rows.apps},
+                                          fold_case=True)
+                await self._delete_absent(tx, "aliases", "alias_email", {a.address for a in rows.aliases})
+                await self._delete_absent(tx, "domains", "domain_name", {d.name for d in rows.domains})
+            for domain in rows.domains:
+                await tx.execute(
+                    "INSERT INTO domains(domain_name, enabled, updated_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT(domain_name) DO UPDATE SET enabled = excluded.enabled, "
+                    "updated_at = excluded.updated_at",
+                    (domain.name, int(domain.enabled), now),
+                )
+            for alias in rows.aliases:
+                await self._import_alias(tx, alias, now)
+            for app in rows.apps:
+                if await self._import_app(tx, app, now):
+                    created.append(app.app_id)
+        return tuple(created)
+
+    @staticmethod
+    async def _delete_absent(tx: Transaction, table: str, key: str, wanted: set[str], *,
+                             fold_case: bool = False) -> None:
+        """Delete the rows of `table` whose `key` is not in `wanted` (table and key are fixed
+        names given by import_rows)."""
+        existing = [row[0] async for row in tx.rows(f"SELECT {key} FROM {table}")]
+        for value in existing:
+            if (_text(value).lower() if fold_case else _text(value)) not in wanted:
+                await tx.execute(f"DELETE FROM {table} WHERE {key} = ?", (value,))
+
+    @staticmethod
+    async def _import_alias(tx: Transaction, alias: Alias, now: int) -> None:
+        if await tx.fetchone("SELECT 1 FROM domains WHERE domain_name = ?", (alias.domain,)) is None:
+            raise NotFound(f"domain not found: {alias.domain} (alias {alias.address})")
+        await tx.execute(
+            "INSERT INTO aliases(alias_email, target_user, alias_domain_name, enabled, send_policy, "
+            "updated_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(alias_email) DO UPDATE SET "
+            "target_user = excluded.target_user, enabled = excluded.enabled, "
+            "send_policy = excluded.send_policy, updated_at = excluded.updated_at",
+            (alias.address, alias.target_user, alias.domain, int(alias.enabled), alias.send_policy, now),
+        )
+        await tx.execute("DELETE FROM alias_targets WHERE alias_email = ?", (alias.address,))
+        for position, target in enumerate(alias.extra_targets, 1):
+            await tx.execute(
+                "INSERT INTO alias_targets(alias_email, target_user, position) VALUES (?, ?, ?)",
+                (alias.address, target, position),
+            )
+        await tx.execute("DELETE FROM alias_senders WHERE alias_email = ?", (alias.address,))
+        for sender in alias.listed_senders:
+            await tx.execute(
+                "INSERT INTO alias_senders(alias_email, sender_user) VALUES (?, ?)",
+                (alias.address, sender),
+            )
+
+    async def _import_app(self, tx: Transaction, app: App, now: int) -> bool:
+        """Write one app as `app` says (an existing one keeps its secret); True if created."""
+        try:
+            stored = await self._app_id(tx, app.app_id)
+        except NotFound:
+            stored = None
+        settings = (app.description, app.expires_at, " ".join(app.networks))
+        created = stored is None
+        if created:
+            stored = app.app_id
+            await tx.execute(
+                "INSERT INTO apps(app_id, secret_hash, enabled, description, expires_at, networks, "
+                "updated_at) VALUES (?, ?, 0, ?, ?, ?, ?)",
+                (stored, NO_SECRET, *settings, now),
+            )
+        else:
+            await tx.execute(
+                "UPDATE apps SET enabled = ?, description = ?, expires_at = ?, networks = ?, "
+                "updated_at = ? WHERE app_id = ?",
+                (int(app.enabled), *settings, now, stored),
+            )
+        await tx.execute("DELETE FROM app_from WHERE app_id = ?", (stored,))
+        for sender in app.senders:
+            await tx.execute(
+                "INSERT INTO app_from(app_id, from_addr, enabled, updated_at) VALUES (?, ?, ?, ?)",
+                (stored, sender.address, int(sender.enabled), now),
+            )
+        return created
 
 
 def _now() -> int:

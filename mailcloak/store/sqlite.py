@@ -6,7 +6,9 @@ schema and its migrations, and change detection.
 Schema version 1 is exactly the Go project's schema (COMPAT.md), written with `IF NOT EXISTS`, so
 that a Go database already *is* version 1 and opens as it is. Later versions only add (columns,
 tables, indexes). The daemon never writes: it checks the tables exist and refuses a database newer
-than it knows. `mailcloakctl init` creates or migrates.
+than it knows. `mailcloakctl init` creates or migrates. Its one write is last use (app_usage),
+through the connection it polls with: `PRAGMA data_version` does not change for a connection's
+own commits, so that write never makes it reload its state.
 
 Change detection: `PRAGMA data_version` changes on a connection whenever another connection
 commits, is answered from memory, and so costs nothing to poll twice a second.
@@ -136,6 +138,9 @@ class SQLiteStore(SQLStore):
         self.location = config.path
         self._poll_interval = config.poll_interval_seconds
         self._data_version: int | None = None
+        # One transaction at a time on the one connection: the daemon's state refresh and its
+        # last-use writes are separate tasks.
+        self._tx_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, config: SQLiteConfig, *, create: bool = False) -> "SQLiteStore":
@@ -218,6 +223,12 @@ class SQLiteStore(SQLStore):
     async def _transaction(self, *, write: bool):
         """IMMEDIATE for a write (the write lock is taken at once, waiting up to busy_timeout),
         deferred for a read; committed whole, or rolled back whole on any error."""
+        async with self._tx_lock:
+            async with self._transaction_unlocked(write=write) as tx:
+                yield tx
+
+    @contextlib.asynccontextmanager
+    async def _transaction_unlocked(self, *, write: bool):
         try:
             await self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         except sqlite3.Error as exc:

@@ -99,17 +99,19 @@ async def test_rules_table(auth, verifier, service, enabled, right_password):
     password = PASSWORD if right_password else "wrong"
     outcome = await auth.authenticate(snap, "mailer", password, service, "192.0.2.1")
     sending = service.lower() in SENDING_SERVICES
-    if not right_password:
+    refused = not enabled or not sending
+    if refused:
+        # Whatever the password: the answer cannot be used to probe it.
+        expected = Result.USER_DISABLED
+    elif not right_password:
         expected = Result.PASSWORD_MISMATCH
-    elif not enabled:
-        expected = Result.USER_DISABLED
-    elif sending:
-        expected = Result.OK
     else:
-        expected = Result.USER_DISABLED
+        expected = Result.OK
     assert outcome.result is expected, outcome
-    # Every branch paid exactly one (fake) argon2 verification, whatever the answer.
+    # Every branch paid exactly one (fake) argon2 verification, whatever the answer; a refused
+    # attempt never tried the app's own hash.
     assert len(verifier.calls) == 1
+    assert (verifier.calls[0][0] == "fake$dummy-never-matches") is refused
     if expected is Result.OK:
         assert outcome.app_id == "Mailer"
     if expected is Result.USER_DISABLED and enabled:
@@ -159,13 +161,13 @@ async def test_cache_hit_skips_argon2(auth, verifier):
     assert len(verifier.calls) == 1
 
 
-async def test_cache_hit_still_applies_the_service_rule(auth, verifier):
+async def test_a_cached_success_does_not_skip_the_service_rule(auth, verifier):
     snap = snapshot(app())
     await auth.authenticate(snap, "mailer", PASSWORD, "smtp")
     outcome = await auth.authenticate(snap, "mailer", PASSWORD, "imap")
     assert outcome.result is Result.USER_DISABLED
-    assert outcome.cached
-    assert len(verifier.calls) == 1
+    assert not outcome.cached
+    assert verifier.calls[1][0] == "fake$dummy-never-matches"
 
 
 async def test_failures_are_never_cached(auth, verifier):
@@ -414,4 +416,4 @@ async def test_counters_for_metrics(auth, sleep):
     await auth.authenticate(snap, "mailer", PASSWORD, "smtp")
     await auth.authenticate(snap, "ghost", PASSWORD, "smtp")
     await auth.authenticate(snap, "mailer", PASSWORD, "imap")
-    assert auth.counters == {"ok": 2, "cached": 2, "user_unknown": 1, "user_disabled": 1}
+    assert auth.counters == {"ok": 2, "cached": 1, "user_unknown": 1, "user_disabled": 1}
