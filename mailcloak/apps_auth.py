@@ -52,6 +52,7 @@ from typing import Awaitable, Callable
 
 from cachetools import TTLCache
 
+from mailcloak.app_fields import format_utc
 from mailcloak.app_usage import UsageRecorder
 from mailcloak.passwords import hash_secret, verify_secret
 from mailcloak.store.model import App, Snapshot
@@ -122,11 +123,6 @@ def _network_refusal(networks: tuple[str, ...], remote_ip: str) -> str | None:
         if address in network:
             return None
     return f"remote IP {address} is outside the app's networks"
-
-
-def format_utc(seconds: int) -> str:
-    """Unix seconds as ISO 8601 UTC, the form mailcloakctl shows and reads."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 # --- throttle ---------------------------------------------------------------------------------

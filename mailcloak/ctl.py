@@ -45,29 +45,36 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import getpass
 import json
 import logging
 import os
-import re
 import sys
+import time
 from types import MappingProxyType
 from typing import Any, Callable, NoReturn
 
 from mailcloak import __version__
 from mailcloak.addresses import check_address, check_domain, is_safe_token, normalize
+from mailcloak.app_fields import (
+    ANY_NETWORK,
+    NEVER,
+    check_app_id,
+    check_description,
+    format_utc,
+    parse_expiry,
+    parse_networks,
+)
 from mailcloak.config import DEFAULT_CONFIG_PATH, DEFAULT_DB_PATH, Config, SQLiteConfig, load_config
-from mailcloak.errors import InvalidInput, MailcloakError
-from mailcloak.passwords import generate_token, hash_secret
+from mailcloak.errors import InvalidInput, MailcloakError, NotFound
+from mailcloak.passwords import NO_SECRET, generate_token, hash_secret
 from mailcloak.store import Store, open_store
-from mailcloak.store.model import Rows
+from mailcloak.store.model import App, AppSettings, AppUsage, Rows
+from mailcloak.transfer import export_document, parse_document
 
 PROG = "mailcloakctl"
-
-# A new app id: printable, no whitespace (it is a SASL login name).
-_APP_ID = re.compile(r"[^\s\x00-\x1f\x7f]+")
-_APP_ID_MAX = 255
 
 
 class UsageError(Exception):
@@ -132,13 +139,16 @@ def _lookup_app(value: str) -> str:
     return app_id
 
 
-def _check_new_app(value: str) -> str:
-    app_id = value.strip()
-    if not _APP_ID.fullmatch(app_id) or len(app_id) > _APP_ID_MAX:
-        raise InvalidInput(
-            f"invalid app id: {value!r} (1 to {_APP_ID_MAX} characters, no spaces or control characters)"
-        )
-    return app_id
+def _app_settings(args: argparse.Namespace) -> AppSettings:
+    """The --description/--expires/--networks options given (others stay as stored)."""
+    given = {}
+    if args.description is not None:
+        given["description"] = check_description(args.description)
+    if args.expires is not None:
+        given["expires_at"] = parse_expiry(args.expires)
+    if args.networks is not None:
+        given["networks"] = parse_networks(args.networks)
+    return AppSettings(**given)
 
 
 def _read_password(args: argparse.Namespace, app_id: str) -> str:
@@ -241,20 +251,47 @@ async def _aliases_disable(store: Store, args: argparse.Namespace) -> None:
 
 async def _apps_list(store: Store, args: argparse.Namespace) -> None:
     rows = await store.load()
+    usage = await store.app_usage()
     apps = sorted(rows.apps, key=lambda a: a.app_id)
     if args.json:
         _json([
             {"app_id": a.app_id, "enabled": a.enabled, "updated_at": a.updated_at,
              "senders": [{"address": s.address, "enabled": s.enabled}
-                         for s in sorted(a.senders, key=lambda s: s.address)]}
+                         for s in sorted(a.senders, key=lambda s: s.address)],
+             "description": a.description, "expires_at": a.expires_at, "networks": list(a.networks),
+             "has_password": a.secret_hash != NO_SECRET,
+             "last_used_at": usage[a.app_id].last_used_at if a.app_id in usage else None,
+             "last_used_ip": usage[a.app_id].last_used_ip if a.app_id in usage else None}
             for a in apps
         ])
         return
+    now = time.time()
     for a in apps:
         _out(f"{a.app_id}\t{_state(a.enabled)}\t{a.updated_at}")
         senders = [s.address if s.enabled else f"{s.address} (disabled)"
                    for s in sorted(a.senders, key=lambda s: s.address)]
         _out("\t\t" + (", ".join(senders) if senders else "-"))
+        for line in _app_detail_lines(a, usage.get(a.app_id), now):
+            _out("\t\t" + line)
+
+
+def _app_detail_lines(app: App, usage: AppUsage | None, now: float) -> list[str]:
+    """The version 2 fields, as `key: value` continuation lines after the Go tool's senders line,
+    only those that are set: an app without them prints exactly the Go tool's two lines, and
+    every line keeps the Go format's three tab-separated fields."""
+    lines = []
+    if app.secret_hash == NO_SECRET:
+        lines.append(f"password: none (imported; set one with {PROG} apps add {app.app_id})")
+    if app.description:
+        lines.append(f"description: {app.description}")
+    if app.expires_at is not None:
+        lines.append(f"expires: {format_utc(app.expires_at)}"
+                     + (" (expired)" if now >= app.expires_at else ""))
+    if app.networks:
+        lines.append("networks: " + ", ".join(app.networks))
+    if usage is not None:
+        lines.append(f"last used: {format_utc(usage.last_used_at)} from {usage.last_used_ip or '-'}")
+    return lines
 
 
 def _case_clash(rows: Rows, app_id: str) -> str | None:
@@ -265,15 +302,23 @@ def _case_clash(rows: Rows, app_id: str) -> str | None:
 
 
 async def _apps_add(store: Store, args: argparse.Namespace) -> None:
-    app_id = _check_new_app(args.app)
+    app_id = check_app_id(args.app)
     # Refuse a case clash before asking for a password; the store refuses it again, atomically.
     clash = _case_clash(await store.load(), app_id)
     if clash is not None:
         raise InvalidInput(f"app id {app_id!r} differs from existing app {clash!r} only in case")
+    settings = _app_settings(args)   # refused before the password is asked
     secret = _read_password(args, app_id)
-    await store.add_app(app_id, hash_secret(secret))
+    await store.add_app(app_id, hash_secret(secret), settings)
     if args.generate:
         _out(secret)
+
+
+async def _apps_set(store: Store, args: argparse.Namespace) -> None:
+    settings = _app_settings(args)
+    if not settings.changes():
+        raise UsageError("apps set needs at least one of --description, --expires, --networks")
+    await store.set_app_settings(_lookup_app(args.app), settings)
 
 
 async def _apps_del(store: Store, args: argparse.Namespace) -> None:
@@ -294,6 +339,42 @@ async def _apps_allow(store: Store, args: argparse.Namespace) -> None:
 
 async def _apps_disallow(store: Store, args: argparse.Namespace) -> None:
     await store.disallow_sender(_lookup_app(args.app), _lookup_address(args.address))
+
+
+async def _export(store: Store, args: argparse.Namespace) -> None:
+    text = export_document(await store.load())
+    if args.output in (None, "-"):
+        sys.stdout.write(text)
+        return
+    # Written beside the target and renamed over it: a failed export leaves no half file.
+    partial = f"{args.output}.partial"
+    try:
+        with open(partial, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(partial, args.output)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise
+
+
+async def _import(store: Store, args: argparse.Namespace) -> None:
+    if args.file == "-":
+        text = sys.stdin.read()
+    else:
+        with open(args.file, encoding="utf-8") as source:
+            text = source.read()
+    try:
+        rows = parse_document(text)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{args.file}: {exc}; nothing imported") from None
+    try:
+        created = await store.import_rows(rows, replace=args.replace)
+    except NotFound as exc:
+        raise NotFound(f"{args.file}: {exc}; nothing imported") from None
+    for app_id in created:
+        _out(f"app {app_id} created without a password (exports carry none); it cannot log in "
+             f"until '{PROG} apps add {app_id}' gives it one")
 
 
 async def _check(store: Store, args: argparse.Namespace, config: Config) -> None:
@@ -335,6 +416,15 @@ def _state_arg(value: str) -> str:
     if state not in ("RCPT", "MAIL"):
         raise argparse.ArgumentTypeError(f"invalid state {value!r} (choose RCPT or MAIL)")
     return state
+
+
+_APP_SETTING_OPTIONS = (
+    ("--description", {"metavar": "TEXT", "default": None, "help": "what the app is for"}),
+    ("--expires", {"metavar": "WHEN", "default": None,
+                   "help": f"YYYY-MM-DD (refused from 00:00 UTC that day), an ISO time, or {NEVER}"}),
+    ("--networks", {"metavar": "CIDR,...", "default": None,
+                    "help": f"client networks it may log in from, or {ANY_NETWORK}"}),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -396,13 +486,26 @@ def build_parser() -> argparse.ArgumentParser:
          ("--password-stdin", {"action": "store_true",
                                "help": "read the password from standard input"}),
          ("--generate", {"action": "store_true",
-                         "help": "generate a random token and print it on standard output"}))
+                         "help": "generate a random token and print it on standard output"}),
+         *_APP_SETTING_OPTIONS)
+    leaf(psub, "set", _apps_set,
+         "change an app's description, expiry or networks (its password and senders stay)",
+         app_arg, *_APP_SETTING_OPTIONS)
     leaf(psub, "del", _apps_del, "delete an app", app_arg)
     leaf(psub, "enable", _apps_enable, "enable an app", app_arg)
     leaf(psub, "disable", _apps_disable, "disable an app", app_arg)
     addr_arg = ("address", {"metavar": "ADDR"})
     leaf(psub, "allow", _apps_allow, "allow an app to send as an address", app_arg, addr_arg)
     leaf(psub, "disallow", _apps_disallow, "withdraw an address from an app", app_arg, addr_arg)
+
+    leaf(groups, "export", _export,
+         "write domains, aliases and apps (no secrets) as JSON, for another host or for review",
+         ("--output", {"metavar": "FILE", "default": None, "help": "write here (default: standard output)"}))
+    leaf(groups, "import", _import,
+         "apply a JSON file made by export, all or nothing (apps new here get no password)",
+         ("file", {"metavar": "FILE", "help": "the file ('-' for standard input)"}),
+         ("--replace", {"action": "store_true",
+                        "help": "also delete domains, aliases and apps that are not in the file"}))
 
     leaf(groups, "check", _check, "show what the policy service would answer to a request",
          ("--sasl-method", {"metavar": "M", "default": "", "help": "e.g. XOAUTH2, PLAIN; none: unauthenticated"}),

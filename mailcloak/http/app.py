@@ -8,11 +8,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import AsyncIterator
 
 from aiohttp import web
 
-from mailcloak.appkeys import CONFIG
+from mailcloak.appkeys import CONFIG, STATE
 from mailcloak.apps_auth import AppAuthenticator
 from mailcloak.http import introspect
 from mailcloak.http.health import setup_health
@@ -28,7 +30,14 @@ async def _passdb_ctx(app: web.Application) -> AsyncIterator[None]:
     if app[CONFIG].http.listen:
         # The dummy hash (one argon2id: ~0.2 s, 64 MiB at its peak) only where logins can come.
         await endpoint.authenticator.prepare()
+    # Last use of apps: written every FLUSH_SECONDS and once more when the daemon stops.
+    usage, store = endpoint.authenticator.usage, app[STATE].store
+    flusher = asyncio.create_task(usage.run(store), name="app-usage-flush")
     yield
+    flusher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await flusher
+    await usage.flush(store)
     await endpoint.authenticator.close()
 
 

@@ -108,7 +108,7 @@ class Store(ABC):
 
         Each object in `rows` ends up as `rows` says, its sub-lists included; objects not in
         `rows` are kept, or deleted with `replace=True`. An existing app (matched
-        case-insensitively) keeps its secret; a new one is created disabled with a secret that
-        matches no password, whatever `rows` says. Returns the ids of the apps created. NotFound
+        case-insensitively) keeps its secret; a new one gets NO_SECRET, which matches no password,
+        so it cannot log in before `apps add` gives it one. Returns the ids of the apps created. NotFound
         when an alias's domain is neither in `rows` nor (merging) in the database;
         SchemaOutdated on a version 1 database."""

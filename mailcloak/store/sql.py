@@ -226,15 +226,15 @@ class SQLStore(Store):
         missing column on a Go (version 1) database."""
         if await self._schema_version(tx) < 2:
             raise SchemaOutdated(
-                f"database {self.location} has the Go project's schema (version 1); {what} "
-                "needs version 2: run mailcloakctl init"
+                f"database {self.location} has the Go project's schema (version 1); to use "
+                f"{what}, run mailcloakctl init (it only adds columns and tables)"
             )
 
     async def _write_app_settings(self, tx: Transaction, stored_id: str, settings: AppSettings) -> None:
         changes = settings.changes()
         if not changes:
             return
-        await self._require_v2(tx, "app description, expiry and networks")
+        await self._require_v2(tx, "app descriptions, expiry and networks")
         # Column names come from AppSettings.changes(), a fixed set; values are parameters.
         assignments = ", ".join(f"{column} = ?" for column in changes)
         await tx.execute(
@@ -244,14 +244,14 @@ class SQLStore(Store):
 
     async def set_app_settings(self, app_id: str, settings: AppSettings) -> None:
         async with self._transaction(write=True) as tx:
-            await self._require_v2(tx, "app description, expiry and networks")
+            await self._require_v2(tx, "app descriptions, expiry and networks")
             await self._write_app_settings(tx, await self._app_id(tx, app_id), settings)
 
     async def record_app_usage(self, usage) -> None:
         if not usage:
             return
         async with self._transaction(write=True) as tx:
-            await self._require_v2(tx, "recording when apps were last used")
+            await self._require_v2(tx, "last-use recording")
             for app_id, use in usage.items():
                 # INSERT ... SELECT skips an app deleted since the login (no foreign-key error
                 # for the whole batch); the WHERE keeps a later use recorded meanwhile.
@@ -345,8 +345,8 @@ class SQLStore(Store):
             stored = app.app_id
             await tx.execute(
                 "INSERT INTO apps(app_id, secret_hash, enabled, description, expires_at, networks, "
-                "updated_at) VALUES (?, ?, 0, ?, ?, ?, ?)",
-                (stored, NO_SECRET, *settings, now),
+                "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (stored, NO_SECRET, int(app.enabled), *settings, now),
             )
         else:
             await tx.execute(

@@ -238,6 +238,8 @@ def test_json_lists(db):
         "app_id": "Mailer", "enabled": True, "updated_at": 1700000000,
         "senders": [{"address": "billing@d1.test", "enabled": False},
                     {"address": "noreply@d1.test", "enabled": True}],
+        "description": "", "expires_at": None, "networks": [], "has_password": True,
+        "last_used_at": None, "last_used_ip": None,
     }]
     assert "ARGON2" not in out and "argon2" not in out and "secret" not in out
 
