@@ -146,8 +146,7 @@ def _user(value: Any, where: str) -> str:
 
 
 def _object(value: Any, where: str, keys: set[str]) -> dict:
-    if not isinstance(value, dict):
-        raise InvalidInput(f"{where}: expected an object, got {_kind(value)}")
+    _typed(dict, value, where)
     unknown = sorted(set(value) - keys)
     if unknown:
         raise InvalidInput(f"{where}: unknown key {unknown[0]!r}")
@@ -157,22 +156,22 @@ def _object(value: Any, where: str, keys: set[str]) -> dict:
     return value
 
 
-def _list(value: Any, where: str) -> list:
-    if not isinstance(value, list):
-        raise InvalidInput(f"{where}: expected a list, got {_kind(value)}")
+def _typed(kind: type, value: Any, where: str):
+    if not isinstance(value, kind):
+        raise InvalidInput(f"{where}: expected {_KINDS[kind]}, got {_kind(value)}")
     return value
+
+
+def _list(value: Any, where: str) -> list:
+    return _typed(list, value, where)
 
 
 def _str(value: Any, where: str) -> str:
-    if not isinstance(value, str):
-        raise InvalidInput(f"{where}: expected a string, got {_kind(value)}")
-    return value
+    return _typed(str, value, where)
 
 
 def _bool(value: Any, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidInput(f"{where}: expected true or false, got {_kind(value)}")
-    return value
+    return _typed(bool, value, where)
 
 
 def _checked(check, value: str, where: str):
@@ -190,6 +189,9 @@ def _unique(values: list[str], where: str, what: str) -> None:
         seen.add(value)
 
 
+_KINDS = {dict: "an object", list: "a list", str: "a string", bool: "true or false",
+          type(None): "null"}
+
+
 def _kind(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "true/false",
-            type(None): "null"}.get(type(value), "a number")
+    return _KINDS.get(type(value), "a number")
