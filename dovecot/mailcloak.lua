@@ -214,8 +214,9 @@ function auth_passdb_lookup(req)
     "mailcloak: credentials lookups are not supported; use this passdb for PLAIN/LOGIN only"
 end
 
--- Dovecot 2.4 auth cache key: the service is part of it, so that a cached SMTP success of an
--- app can never answer an IMAP login (2.3 uses the passdb's cache_key= argument instead).
+-- Dovecot 2.4 auth cache key: the service and the remote IP are part of it, so that a cached
+-- SMTP success of an app can never answer an IMAP login, nor a login from outside the app's
+-- networks (2.3 uses the passdb's cache_key= argument instead).
 function auth_passdb_get_cache_key()
-  return "%{user}\t%{protocol}"
+  return "%{user}\t%{protocol}\t%{remote_ip}"
 end

@@ -163,7 +163,7 @@ def test_app_cannot_authenticate_for_reading_mail(flushed, service):
 
 
 def test_cached_smtp_success_does_not_open_imap(flushed):
-    """The auth cache key includes the service (cache_key=%u%s in the 2.3 snippet)."""
+    """The auth cache key includes the service (cache_key=%u%s%r in the 2.3 snippet)."""
     assert auth_ok(flushed.auth_test("mailer", GO_APP_PASSWORD, service="smtp"))
     assert auth_ok(flushed.auth_test("mailer", GO_APP_PASSWORD, service="smtp"))   # cache hit
     assert "cache hit" in flushed.log()

@@ -201,7 +201,7 @@ def test_24_lua_settings_table_and_setting_names(harness, tmp_path):
     assert "header Authorization Bearer s24" in lines
     assert any("&service=submission&" in line for line in lines if line.startswith("payload "))
     assert "result PASSDB_RESULT_OK table 0" in lines
-    assert "cachekey %{user}\t%{protocol}" in lines
+    assert "cachekey %{user}\t%{protocol}\t%{remote_ip}" in lines
 
 
 def test_24_without_lua_settings_reads_the_file(harness, conf_23):

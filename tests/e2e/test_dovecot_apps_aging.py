@@ -1,0 +1,127 @@
+"""Apps that age (issue #9) with a real Dovecot 2.3 and the shipped Lua script and snippet:
+`doveadm auth test -x service=smtp -x rip=...` fails for an expired app and for an app used from
+outside its networks, and passes for an allowed one; Dovecot's auth cache never carries a success
+over to another remote IP. The daemon's database is the Go project's, migrated by
+`mailcloakctl init`, with the settings written by `mailcloakctl apps add`."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+
+import pytest
+
+from dovecot_instance import DovecotInstance, dovecot_unavailable_reason
+from mailcloak import ctl
+from postfix_instance import free_ports, world_readable_tmpdir
+from support import GO_APP_PASSWORD, DaemonProcess, make_go_database, write_config
+
+pytestmark = pytest.mark.e2e
+
+EXPIRED_PASSWORD = "expired-app-secret"
+OFFICE_PASSWORD = "office-app-secret"
+
+
+@pytest.fixture(scope="module")
+def work_dir():
+    reason = dovecot_unavailable_reason()
+    if reason:
+        pytest.skip("E2E SKIPPED, " + reason)
+    path = world_readable_tmpdir("mailcloak-aging-e2e-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def daemon(work_dir):
+    daemon_dir = work_dir / "daemon"
+    daemon_dir.mkdir()
+    daemon_dir.chmod(0o755)
+    db = str(make_go_database(daemon_dir / "state.db"))
+    for argv in (["init"],
+                 ["apps", "add", "Expired", EXPIRED_PASSWORD, "--expires", "2001-01-01"],
+                 ["apps", "add", "Office", OFFICE_PASSWORD, "--networks", "192.0.2.0/24,2001:db8::/32",
+                  "--expires", "2999-01-01", "--description", "office scanner"]):
+        assert ctl.main(["--db", db, *argv]) == 0, argv
+    (port,) = free_ports(1)
+    proc = DaemonProcess(write_config(daemon_dir, http={"listen": f"127.0.0.1:{port}"}))
+    proc.url, proc.db = f"http://127.0.0.1:{port}", db
+    try:
+        proc.start()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def dovecot(work_dir, daemon):
+    instance = DovecotInstance(work_dir / "dovecot", daemon_url=daemon.url, imap=False)
+    try:
+        instance.start()
+        yield instance
+    finally:
+        instance.stop()
+
+
+@pytest.fixture
+def flushed(dovecot):
+    dovecot.flush_auth_cache()
+    return dovecot
+
+
+def auth_ok(result) -> bool:
+    return result.returncode == 0 and "auth succeeded" in result.stdout
+
+
+def assert_refused(result) -> None:
+    """doveadm exit 77 with the passdb's own refusal (not a temporary failure)."""
+    assert result.returncode == 77, (result.returncode, result.stdout, result.stderr)
+    assert "code=user_disabled" in result.stdout, result.stdout
+
+
+def test_expired_app_fails(flushed, daemon):
+    assert_refused(flushed.auth_test("expired", EXPIRED_PASSWORD, service="smtp", rip="192.0.2.20"))
+    assert ("app auth refused (app expired at 2001-01-01T00:00:00Z) login='expired' service=smtp "
+            "rip=192.0.2.20 app=Expired") in daemon.log()
+
+
+@pytest.mark.parametrize("rip", ["192.0.2.21", "2001:db8::21"])
+def test_app_inside_its_networks_passes(flushed, rip):
+    result = flushed.auth_test("office", OFFICE_PASSWORD, service="smtp", rip=rip)
+    assert auth_ok(result), (result.stdout, result.stderr, flushed.log()[-3000:])
+
+
+def test_app_outside_its_networks_fails(flushed, daemon):
+    assert_refused(flushed.auth_test("office", OFFICE_PASSWORD, service="smtp", rip="198.51.100.21"))
+    assert ("app auth refused (remote IP 198.51.100.21 is outside the app's networks) "
+            "login='office' service=smtp rip=198.51.100.21 app=Office") in daemon.log()
+
+
+def test_app_with_networks_fails_without_a_remote_ip(flushed):
+    assert_refused(flushed.auth_test("office", OFFICE_PASSWORD, service="smtp"))
+
+
+def test_a_cached_success_does_not_answer_for_another_network(flushed):
+    """The snippet's cache key holds the remote IP (cache_key=%u%s%r)."""
+    assert auth_ok(flushed.auth_test("office", OFFICE_PASSWORD, service="smtp", rip="192.0.2.22"))
+    assert auth_ok(flushed.auth_test("office", OFFICE_PASSWORD, service="smtp", rip="192.0.2.22"))
+    assert "cache hit" in flushed.log()
+    assert_refused(flushed.auth_test("office", OFFICE_PASSWORD, service="smtp", rip="198.51.100.22"))
+
+
+def test_app_without_networks_or_expiry_still_passes_from_anywhere(flushed):
+    assert auth_ok(flushed.auth_test("mailer", GO_APP_PASSWORD, service="smtp", rip="203.0.113.9"))
+
+
+def test_last_use_is_recorded_when_the_daemon_stops(work_dir, daemon, dovecot):
+    assert auth_ok(dovecot.auth_test("office", OFFICE_PASSWORD, service="submission", rip="192.0.2.99"))
+    assert daemon.stop() == 0
+    con = sqlite3.connect(daemon.db)
+    try:
+        used = dict(con.execute("SELECT app_id, last_used_ip FROM app_usage").fetchall())
+    finally:
+        con.close()
+    assert used["Office"] == "192.0.2.99"
+    assert "Expired" not in used
+    bad = [line for line in daemon.log().splitlines() if " ERROR " in line or "Traceback" in line]
+    assert not bad, "\n".join(bad)
