@@ -6,30 +6,22 @@ over to another remote IP. The daemon's database is the Go project's, migrated b
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
 
 import pytest
 
-from dovecot_instance import DovecotInstance, dovecot_unavailable_reason
+from dovecot_instance import DovecotInstance
 from mailcloak import ctl
-from postfix_instance import free_ports, world_readable_tmpdir
+from postfix_instance import free_ports
 from support import GO_APP_PASSWORD, DaemonProcess, make_go_database, write_config
+# The Dovecot module's fixtures (work_dir, flushed: bound here to this module's `dovecot`) and
+# checks of doveadm's answer.
+from test_dovecot import assert_refused, auth_ok, flushed, require_dovecot, work_dir  # noqa: F401
 
 pytestmark = pytest.mark.e2e
 
 EXPIRED_PASSWORD = "expired-app-secret"
 OFFICE_PASSWORD = "office-app-secret"
-
-
-@pytest.fixture(scope="module")
-def work_dir():
-    reason = dovecot_unavailable_reason()
-    if reason:
-        pytest.skip("E2E SKIPPED, " + reason)
-    path = world_readable_tmpdir("mailcloak-aging-e2e-")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -63,24 +55,9 @@ def dovecot(work_dir, daemon):
         instance.stop()
 
 
-@pytest.fixture
-def flushed(dovecot):
-    dovecot.flush_auth_cache()
-    return dovecot
-
-
-def auth_ok(result) -> bool:
-    return result.returncode == 0 and "auth succeeded" in result.stdout
-
-
-def assert_refused(result) -> None:
-    """doveadm exit 77 with the passdb's own refusal (not a temporary failure)."""
-    assert result.returncode == 77, (result.returncode, result.stdout, result.stderr)
-    assert "code=user_disabled" in result.stdout, result.stdout
-
-
 def test_expired_app_fails(flushed, daemon):
-    assert_refused(flushed.auth_test("expired", EXPIRED_PASSWORD, service="smtp", rip="192.0.2.20"))
+    assert_refused(flushed.auth_test("expired", EXPIRED_PASSWORD, service="smtp", rip="192.0.2.20"),
+                   code="user_disabled")
     assert ("app auth refused (app expired at 2001-01-01T00:00:00Z) login='expired' service=smtp "
             "rip=192.0.2.20 app=Expired") in daemon.log()
 
@@ -92,13 +69,14 @@ def test_app_inside_its_networks_passes(flushed, rip):
 
 
 def test_app_outside_its_networks_fails(flushed, daemon):
-    assert_refused(flushed.auth_test("office", OFFICE_PASSWORD, service="smtp", rip="198.51.100.21"))
+    assert_refused(flushed.auth_test("office", OFFICE_PASSWORD, service="smtp", rip="198.51.100.21"),
+                   code="user_disabled")
     assert ("app auth refused (remote IP 198.51.100.21 is outside the app's networks) "
             "login='office' service=smtp rip=198.51.100.21 app=Office") in daemon.log()
 
 
 def test_app_with_networks_fails_without_a_remote_ip(flushed):
-    assert_refused(flushed.auth_test("office", OFFICE_PASSWORD, service="smtp"))
+    assert_refused(flushed.auth_test("office", OFFICE_PASSWORD, service="smtp"), code="user_disabled")
 
 
 def test_a_cached_success_does_not_answer_for_another_network(flushed):
@@ -106,7 +84,8 @@ def test_a_cached_success_does_not_answer_for_another_network(flushed):
     assert auth_ok(flushed.auth_test("office", OFFICE_PASSWORD, service="smtp", rip="192.0.2.22"))
     assert auth_ok(flushed.auth_test("office", OFFICE_PASSWORD, service="smtp", rip="192.0.2.22"))
     assert "cache hit" in flushed.log()
-    assert_refused(flushed.auth_test("office", OFFICE_PASSWORD, service="smtp", rip="198.51.100.22"))
+    assert_refused(flushed.auth_test("office", OFFICE_PASSWORD, service="smtp", rip="198.51.100.22"),
+                   code="user_disabled")
 
 
 def test_app_without_networks_or_expiry_still_passes_from_anywhere(flushed):
