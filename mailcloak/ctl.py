@@ -35,6 +35,9 @@ The words, arguments and tab-separated list output are those of the Go project's
   standard input is a terminal, a prompt asked twice with getpass. An empty or mismatched
   password is refused; with no terminal and no source, the command fails and says how to give
   one. Only the argon2id hash (`{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$...`) is stored.
+- **App settings** (`apps add/set --description/--expires/--networks`, mailcloak.app_fields) and
+  their `apps list` lines, and **export/import** (mailcloak.transfer): README "App credentials
+  that age" and "Export and import".
 - **check.** `check --sasl-method M --sasl-user U --sender S --recipient R [--state RCPT|MAIL]`
   builds the policy request Postfix would send and evaluates it with the daemon's own code
   (`StateCache` for the snapshot, `PolicyService.evaluate` for facts and decision), then prints
