@@ -254,10 +254,11 @@ class SQLStore(Store):
             await self._require_v2(tx, "last-use recording")
             for app_id, use in usage.items():
                 # INSERT ... SELECT skips an app deleted since the login (no foreign-key error
-                # for the whole batch); the WHERE keeps a later use recorded meanwhile.
+                # for the whole batch); the WHERE keeps a later use recorded meanwhile. The
+                # CASTs give the select list's parameters a type (PostgreSQL asks for one).
                 await tx.execute(
                     "INSERT INTO app_usage(app_id, last_used_at, last_used_ip) "
-                    "SELECT app_id, ?, ? FROM apps WHERE app_id = ? "
+                    "SELECT app_id, CAST(? AS BIGINT), CAST(? AS TEXT) FROM apps WHERE app_id = ? "
                     "ON CONFLICT(app_id) DO UPDATE SET last_used_at = excluded.last_used_at, "
                     "last_used_ip = excluded.last_used_ip "
                     "WHERE excluded.last_used_at >= app_usage.last_used_at",

@@ -119,7 +119,7 @@ def client(served):
     ("mailer", GO_APP_PASSWORD, "submission", "ok"),          # Dovecot lower-cases logins
     ("mailer", "wrong-password", "smtp", "password_mismatch"),
     ("paused", PAUSED_PASSWORD, "smtp", "user_disabled"),
-    ("paused", "wrong-password", "smtp", "password_mismatch"),
+    ("paused", "wrong-password", "smtp", "user_disabled"),    # refused whatever the password
     ("nobody", "whatever", "smtp", "user_unknown"),
     ("alice", "whatever", "smtp", "user_unknown"),            # an IdP user is not an app
     ("mailer", GO_APP_PASSWORD, "imap", "user_disabled"),
