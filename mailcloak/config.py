@@ -239,7 +239,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         raise ConfigError(f"{source}: {exc}") from None
     config = dataclasses.replace(config, source=source)
     try:
-        _validate_store(config, has_sqlite_section="sqlite" in data)
+        _validate_store(config)
         _validate(config)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
@@ -419,23 +419,24 @@ def _validate(config: Config) -> None:
         raise ConfigError("sqlite.path must be set")
 
 
-def _validate_store(config: Config, *, has_sqlite_section: bool) -> None:
-    """Exactly one store per process: the sections present must match `store.backend`."""
+def _validate_store(config: Config) -> None:
+    """Exactly one store per process, the one `store.backend` names. A DSN given while the
+    backend is sqlite is refused rather than ignored: on a multi-host site that host would
+    otherwise answer from its own file while the others share PostgreSQL. (The sqlite section
+    is ignored with backend postgres, as unused idp sections are.)"""
     backend = config.store.backend
     if backend == "postgres":
         if config.postgres is None or not config.postgres.dsn.strip():
             raise ConfigError("store.backend is postgres but postgres.dsn is not set")
-        if has_sqlite_section:
-            raise ConfigError("store.backend is postgres but a sqlite section is set; keep one store")
         if config.postgres.pool_size < 1:
             raise ConfigError("postgres.pool_size must be at least 1")
         for key in ("statement_timeout_seconds", "connect_timeout_seconds"):
             if getattr(config.postgres, key) <= 0:
                 raise ConfigError(f"postgres.{key} must be positive")
-    elif config.postgres is not None:
+    elif config.postgres is not None and config.postgres.dsn.strip():
         raise ConfigError(
-            "a postgres section is set but store.backend is sqlite; set store.backend: postgres "
-            "or remove the postgres section"
+            "postgres.dsn is set but store.backend is sqlite; set store.backend: postgres "
+            "or empty postgres.dsn"
         )
 
 
