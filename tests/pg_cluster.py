@@ -109,19 +109,25 @@ class PostgresCluster:
         self.admin(f"CREATE DATABASE {name}{clause}")
         return name
 
+    def drop_database(self, name: str) -> None:
+        self.admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
     def admin(self, sql: str, database: str = "postgres") -> None:
         run_sync(_execute(self.dsn(database), sql))
+
+    def execute(self, database: str, sql: str, *args) -> None:
+        run_sync(_execute(self.dsn(database), sql, *args))
 
     def query(self, database: str, sql: str, *args) -> list[tuple]:
         return run_sync(_fetch(self.dsn(database), sql, *args))
 
 
-async def _execute(dsn: str, sql: str) -> None:
+async def _execute(dsn: str, sql: str, *args) -> None:
     import asyncpg
 
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute(sql)
+        await conn.execute(sql, *args)
     finally:
         await conn.close()
 
