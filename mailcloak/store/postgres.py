@@ -161,8 +161,11 @@ class PostgresStore(SQLStore):
         password = config.password()
         location = config.location
         try:
+            # No floor of idle connections (min_size 0): the daemon reads only to reload, and a
+            # pool that keeps a floor retries it in the background, logging tracebacks while the
+            # server is down. Opening still fails clearly: it reads the schema version first.
             pool = await asyncpg.create_pool(
-                **_connect_args(config, password), min_size=1, max_size=config.pool_size,
+                **_connect_args(config, password), min_size=0, max_size=config.pool_size,
             )
         except Exception as exc:  # noqa: BLE001 - whatever the driver raises, one clear line
             raise _store_error(exc, location, config) from None
