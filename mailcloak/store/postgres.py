@@ -29,7 +29,7 @@ import functools
 
 import asyncpg
 
-from mailcloak.config import PostgresConfig, mask_dsn
+from mailcloak.config import PostgresConfig
 from mailcloak.errors import StoreError, StoreLocked
 from mailcloak.store.sql import SQLStore, Transaction
 

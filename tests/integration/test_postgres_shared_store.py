@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from pg_cluster import PostgresCluster, run_sync, unavailable_reason
+from pg_cluster import PostgresCluster, unavailable_reason
 from stores import PostgresSite
 from support import REPO, DaemonProcess, PolicyClient, SocketmapClient, write_config
 

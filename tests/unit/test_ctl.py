@@ -22,7 +22,7 @@ import pytest
 from argon2 import PasswordHasher
 
 from mailcloak import ctl
-from stores import SQLiteSite, both_store_kinds, dump as dump_site  # noqa: F401 - both stores
+from stores import both_store_kinds, dump as dump_site  # noqa: F401 - both stores
 from support import GO_APP_PASSWORD, REPO, make_go_database, write_config
 
 MISSING = "sqlite db not found at {path}; create it with mailcloakctl init"

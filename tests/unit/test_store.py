@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import sqlite3
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from mailcloak.config import SQLiteConfig
 from mailcloak.errors import InvalidInput, NotFound, StoreError, StoreMissing
 from mailcloak.store.model import Alias, App, AppSender, Domain, Rows, Snapshot
 from mailcloak.store.sqlite import SCHEMA_VERSION, SQLiteStore
-from stores import both_store_kinds, dump  # noqa: F401 - the fixture runs each test on both stores
+from stores import SQLiteSite, both_store_kinds  # noqa: F401 - the fixture runs each test on both stores
 from support import make_go_database
 
 POLL = 0.02
@@ -32,27 +31,12 @@ async def open_store(path: Path, create: bool = False) -> SQLiteStore:
 
 def query(path, sql: str, params: tuple = ()) -> list[tuple]:
     """Read as another process would: `path` is an SQLite file or a site of tests/stores.py."""
-    if not isinstance(path, Path):
-        return path.query(sql, params)
-    con = sqlite3.connect(path)
-    try:
-        return con.execute(sql, params).fetchall()
-    finally:
-        con.close()
+    return (SQLiteSite(path) if isinstance(path, Path) else path).query(sql, params)
 
 
 def execute(path, sql: str, params: tuple = ()) -> None:
     """Write as another process would: `path` is an SQLite file or a site of tests/stores.py."""
-    if not isinstance(path, Path):
-        path.execute(sql, params)
-        return
-    con = sqlite3.connect(path)
-    try:
-        con.execute("PRAGMA foreign_keys = ON")
-        con.execute(sql, params)
-        con.commit()
-    finally:
-        con.close()
+    (SQLiteSite(path) if isinstance(path, Path) else path).execute(sql, params)
 
 
 GO_COLUMNS = {
