@@ -187,3 +187,18 @@ def test_database_restarted_under_load(tmp_path, own_cluster, site):
     assert "answering from the last good state" in log
     assert "Traceback" not in log
     assert site.dsn not in log
+
+
+def test_daemon_refuses_to_start_on_an_unreachable_database_with_one_clear_line(tmp_path, site):
+    unreachable = site.dsn.replace(f":{site.cluster.port}/", ":1/")
+    sections = site.config_sections()
+    sections["postgres"]["dsn"] = unreachable
+    config = write_config(tmp_path, **sections)
+    for extra in ([], ["--check-config"]):
+        result = subprocess.run([sys.executable, "-m", "mailcloak", "--config", str(config), *extra],
+                                capture_output=True, text=True, timeout=60, cwd=REPO)
+        output = result.stdout + result.stderr
+        assert result.returncode == 1, output
+        assert "database postgresql://postgres:***@127.0.0.1:1/" in output and "unreachable" in output
+        assert "Traceback" not in output
+        assert unreachable not in output
