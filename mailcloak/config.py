@@ -19,6 +19,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -87,6 +88,55 @@ class SQLiteConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    # sqlite: one host, the database file of `sqlite.path`. postgres: several hosts sharing the
+    # database of `postgres.dsn` (README "Choosing a store").
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+
+
+@dataclass(frozen=True)
+class PostgresConfig:
+    # libpq-style URI or key=value string. A password in it is never logged (masked as ***).
+    dsn: str
+    # A file holding only the password (one line), so the config file can stay readable; it
+    # replaces a password in the DSN.
+    password_file: str = ""
+    # Connections each process keeps open for reads and writes (plus one for LISTEN).
+    pool_size: int = 4
+    # A statement (or a wait for the write lock) that takes longer is cancelled: StoreError.
+    statement_timeout_seconds: float = 5
+    connect_timeout_seconds: float = 3
+
+    def password(self) -> str | None:
+        """The password of `password_file`, or None to use the DSN's own (or PGPASSWORD)."""
+        if not self.password_file:
+            return None
+        try:
+            text = Path(self.password_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                f"postgres.password_file: cannot read {self.password_file}: {exc.strerror}"
+            ) from None
+        return text.rstrip("\r\n")
+
+    @property
+    def location(self) -> str:
+        return mask_dsn(self.dsn)
+
+
+def mask_dsn(dsn: str) -> str:
+    """The DSN with its password replaced by ***, for messages and logs."""
+    if "://" in dsn:
+        parts = urlsplit(dsn)
+        if parts.password is not None:
+            host = parts.netloc.rpartition("@")[2]
+            parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+        query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+        return urlunsplit(parts._replace(query=query))
+    return re.sub(r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
+
+
+@dataclass(frozen=True)
 class PolicyConfig:
     idp_failure_mode: Literal["tempfail", "dunno"] = "tempfail"
     recipient_delimiter: str = "+"
@@ -144,11 +194,20 @@ class HTTPConfig:
 class Config:
     idp: IdPConfig = field(default_factory=IdPConfig)
     sqlite: SQLiteConfig = field(default_factory=SQLiteConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    postgres: PostgresConfig | None = None
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     sockets: SocketsConfig = field(default_factory=SocketsConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     http: HTTPConfig = field(default_factory=HTTPConfig)
     source: str = ""  # the file it came from, for messages; not a YAML key
+
+    @property
+    def store_location(self) -> str:
+        """The configured database for messages: the SQLite path or the masked DSN."""
+        if self.store.backend == "postgres":
+            return self.postgres.location
+        return self.sqlite.path
 
 
 def load_config(path: str | Path) -> Config:
@@ -180,6 +239,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         raise ConfigError(f"{source}: {exc}") from None
     config = dataclasses.replace(config, source=source)
     try:
+        _validate_store(config)
         _validate(config)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
@@ -357,6 +417,27 @@ def _validate(config: Config) -> None:
         parse_listen(config.http.listen)
     if not config.sqlite.path:
         raise ConfigError("sqlite.path must be set")
+
+
+def _validate_store(config: Config) -> None:
+    """Exactly one store per process, the one `store.backend` names. A DSN given while the
+    backend is sqlite is refused rather than ignored: on a multi-host site that host would
+    otherwise answer from its own file while the others share PostgreSQL. (The sqlite section
+    is ignored with backend postgres, as unused idp sections are.)"""
+    backend = config.store.backend
+    if backend == "postgres":
+        if config.postgres is None or not config.postgres.dsn.strip():
+            raise ConfigError("store.backend is postgres but postgres.dsn is not set")
+        if config.postgres.pool_size < 1:
+            raise ConfigError("postgres.pool_size must be at least 1")
+        for key in ("statement_timeout_seconds", "connect_timeout_seconds"):
+            if getattr(config.postgres, key) <= 0:
+                raise ConfigError(f"postgres.{key} must be positive")
+    elif config.postgres is not None and config.postgres.dsn.strip():
+        raise ConfigError(
+            "postgres.dsn is set but store.backend is sqlite; set store.backend: postgres "
+            "or empty postgres.dsn"
+        )
 
 
 def parse_listen(listen: str) -> tuple[str, str, int]:

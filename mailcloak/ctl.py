@@ -7,9 +7,11 @@ The words, arguments and tab-separated list output are those of the Go project's
   `asyncio.run` per invocation); there is no second SQL layer. Lists are derived from
   `Store.load()` (one consistent read); each write is one store call, i.e. one transaction, so a
   failing command changes nothing. A running daemon notices the commit by itself within 2 s.
-- **Database.** `--db PATH`, or `--config PATH` (its `sqlite.path`), or the default
+- **Database.** `--db PATH` (always SQLite), or `--config PATH` (the store its `store.backend`
+  names: `sqlite.path`, or PostgreSQL at `postgres.dsn`), or the default
   `/var/lib/mailcloak/state.db`; the two options exclude each other and are accepted before or
-  after the command words. Only `init` creates the file (and its folder) or migrates its schema.
+  after the command words. `migrate-store --from SPEC --to SPEC` names both of its stores
+  itself (`sqlite:PATH` or `postgres:DSN`) and takes neither option. Only `init` creates the file (and its folder) or migrates its schema.
   `check` needs the config (it asks the configured IdP); without `--config` it reads
   `/etc/mailcloak/config.yaml`.
 - **Output.** Write commands print nothing on success, as the Go tool did; `apps add --generate`
@@ -70,7 +72,15 @@ from mailcloak.app_fields import (
     parse_expiry,
     parse_networks,
 )
-from mailcloak.config import DEFAULT_CONFIG_PATH, DEFAULT_DB_PATH, Config, SQLiteConfig, load_config
+from mailcloak.config import (
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_DB_PATH,
+    Config,
+    PostgresConfig,
+    SQLiteConfig,
+    StoreConfig,
+    load_config,
+)
 from mailcloak.errors import InvalidInput, MailcloakError, NotFound
 from mailcloak.passwords import NO_SECRET, generate_token, hash_secret
 from mailcloak.store import Store, open_store
@@ -411,6 +421,40 @@ async def _check(store: Store, args: argparse.Namespace, config: Config) -> None
     _out(f"rule: {decision.rule}")
 
 
+def _store_spec(value: str) -> Config:
+    """`sqlite:PATH` or `postgres:DSN` as a config naming that one store (migrate-store). The
+    DSN's password may instead come from PGPASSWORD or ~/.pgpass, which `ps` does not show."""
+    kind, _, rest = value.partition(":")
+    if kind == "sqlite" and rest:
+        return dataclasses.replace(Config(), sqlite=SQLiteConfig(path=os.path.expanduser(rest)))
+    if kind in ("postgres", "postgresql") and rest:
+        dsn = value if rest.startswith("//") else rest  # a postgresql://... URI is the DSN as is
+        return dataclasses.replace(Config(), store=StoreConfig(backend="postgres"),
+                                   postgres=PostgresConfig(dsn=dsn))
+    raise argparse.ArgumentTypeError(
+        f"invalid store {value.split('@')[-1]!r} (sqlite:PATH or postgres:DSN)"
+    )
+
+
+async def _migrate_store(args: argparse.Namespace) -> None:
+    """Copy every row from --from into --to (see mailcloak.store.transfer)."""
+    from mailcloak.store.transfer import TABLES, copy_store
+
+    source = await open_store(args.source)
+    try:
+        target = await open_store(args.target, create=True)
+        try:
+            copied = await copy_store(source, target, replace=args.replace)
+        finally:
+            await target.close()
+    finally:
+        await source.close()
+    for table, _, _ in TABLES:
+        _out(f"{table}\t{copied[table]}")
+    _out(f"copied {sum(copied.values())} rows from {source.location} to {target.location}; "
+         "row counts verified")
+
+
 # Command line --------------------------------------------------------------------------------
 
 
@@ -517,12 +561,30 @@ def build_parser() -> argparse.ArgumentParser:
          ("--recipient", {"metavar": "R", "default": ""}),
          ("--state", {"metavar": "RCPT|MAIL", "type": _state_arg, "default": "RCPT"}),
          check=True)
+
+    migrate = groups.add_parser(
+        "migrate-store", help="copy every row from one store to another, in one transaction",
+        description="Copy domains, aliases, apps (secret hashes included) and every other table "
+                    "from one store to another in one transaction, then verify the row counts. "
+                    "The target is created or migrated first; a target that holds rows is "
+                    "refused unless --replace is given.")
+    migrate.add_argument("--from", dest="source", metavar="SPEC", type=_store_spec, required=True,
+                         help="sqlite:PATH or postgres:DSN")
+    migrate.add_argument("--to", dest="target", metavar="SPEC", type=_store_spec, required=True,
+                         help="sqlite:PATH or postgres:DSN")
+    migrate.add_argument("--replace", action="store_true",
+                         help="delete the target's rows first")
+    migrate.set_defaults(migrate=True)
     return parser
 
 
-def _config_for(args: argparse.Namespace) -> Config:
+def _config_for(args: argparse.Namespace) -> Config | None:
     db = getattr(args, "db", None)
     config_path = getattr(args, "config", None)
+    if getattr(args, "migrate", False):
+        if db is not None or config_path is not None:
+            raise UsageError("migrate-store names its stores with --from and --to, not --db or --config")
+        return None
     if db is not None and config_path is not None:
         raise UsageError("give either --db or --config, not both")
     if getattr(args, "check", False):
@@ -537,7 +599,10 @@ def _config_for(args: argparse.Namespace) -> Config:
     return dataclasses.replace(Config(), sqlite=SQLiteConfig(path=path))
 
 
-async def _run(args: argparse.Namespace, config: Config) -> None:
+async def _run(args: argparse.Namespace, config: Config | None) -> None:
+    if getattr(args, "migrate", False):
+        await _migrate_store(args)
+        return
     if getattr(args, "init", False):
         store = await open_store(config, create=True)
         await store.close()

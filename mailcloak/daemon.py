@@ -123,7 +123,7 @@ async def reload(app: web.Application) -> None:
     except MailcloakError as exc:
         log.error("reload refused, keeping the running configuration: %s", exc)
         return
-    for key in ("sockets", "sqlite", "http"):
+    for key in ("sockets", "sqlite", "store", "postgres", "http"):
         if getattr(config, key) != getattr(old.config, key):
             log.warning("reload: changes under %s take effect at the next restart", key)
     logs.set_level(config.daemon.log_level)
@@ -160,7 +160,7 @@ async def serve(config: Config, config_path: str, ready: asyncio.Event | None = 
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         log.info("mailcloak %s ready (idp %s, database %s)", __version__, config.idp.provider,
-                 config.sqlite.path)
+                 config.store_location)
         if ready is not None:
             ready.set()
         await stop.wait()
@@ -184,7 +184,7 @@ async def check(config: Config) -> int:
             rows = await store.load()
         finally:
             await store.close()
-        print(f"database: {config.sqlite.path} OK ({len(rows.domains)} domains, "
+        print(f"database: {config.store_location} OK ({len(rows.domains)} domains, "
               f"{len(rows.aliases)} aliases, {len(rows.apps)} apps)")
     except MailcloakError as exc:
         print(f"database: ERROR {exc}")

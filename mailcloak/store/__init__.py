@@ -7,7 +7,12 @@ __all__ = ["Store", "Alias", "App", "AppSender", "Domain", "Rows", "Snapshot", "
 
 
 async def open_store(config, *, create: bool = False) -> Store:
-    """Open the store the config names. Only `create=True` (mailcloakctl init) makes a new one."""
+    """Open the store the config names (`store.backend`). Only `create=True` (mailcloakctl init)
+    makes a new one or migrates its schema."""
+    if config.store.backend == "postgres":
+        from mailcloak.store.postgres import PostgresStore
+
+        return await PostgresStore.open(config.postgres, create=create)
     from mailcloak.store.sqlite import SQLiteStore
 
     return await SQLiteStore.open(config.sqlite, create=create)

@@ -27,6 +27,9 @@ class Transaction(Protocol):
     async def execute(self, sql: str, params: tuple = ()) -> int:
         """Run a statement; return the number of rows it changed."""
 
+    async def execute_many(self, sql: str, rows: list[tuple]) -> None:
+        """Run a statement once per parameter tuple (bulk copy)."""
+
     async def fetchone(self, sql: str, params: tuple = ()) -> tuple | None: ...
 
     def rows(self, sql: str, params: tuple = ()) -> AsyncIterator[tuple]:

@@ -282,6 +282,9 @@ class _Transaction:
         async with self._conn.execute(sql, params) as cur:
             return cur.rowcount
 
+    async def execute_many(self, sql: str, rows: list[tuple]) -> None:
+        await self._conn.executemany(sql, rows)
+
     async def fetchone(self, sql: str, params: tuple = ()) -> tuple | None:
         async with self._conn.execute(sql, params) as cur:
             return await cur.fetchone()

@@ -10,15 +10,20 @@ import time
 import pytest
 
 from mailcloak import ctl
+from stores import both_store_kinds  # noqa: F401 - every test here runs on both stores
 from support import REPO, DaemonProcess, PolicyClient, SocketmapClient, write_config
 
 VISIBLE_WITHIN = 2.0  # SPEC §5: changes take effect in a running daemon within 2 seconds
 
 
 @pytest.fixture
-def fast_daemon(tmp_path, go_db):
-    """The daemon over the Go database, polling for changes often so the loop stays short."""
-    config = write_config(tmp_path, sqlite={"poll_interval_seconds": 0.02})
+def fast_daemon(tmp_path, go_site):
+    """The daemon over the Go data; with SQLite, polling for changes often so the loop stays
+    short (PostgreSQL is told of each commit by NOTIFY)."""
+    sections = go_site.config_sections()
+    if go_site.kind == "sqlite":
+        sections["sqlite"]["poll_interval_seconds"] = 0.02
+    config = write_config(tmp_path, **sections)
     proc = DaemonProcess(config).start()
     yield proc
     proc.stop()

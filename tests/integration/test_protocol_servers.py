@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from stores import both_store_kinds  # noqa: F401 - the `daemon` tests run on both stores
 from support import DaemonProcess, PolicyClient, SocketmapClient, policy_request, write_config
 
 RCPT_OK = dict(protocol_state="RCPT", sender="x@outside.example", recipient="alice@d1.test")

@@ -1,3 +1,4 @@
+from stores import both_store_kinds  # noqa: F401 - every test here runs on both stores
 from support import PolicyClient, SocketmapClient
 
 

@@ -22,6 +22,7 @@ import pytest
 from argon2 import PasswordHasher
 
 from mailcloak import ctl
+from stores import both_store_kinds, dump as dump_site  # noqa: F401 - both stores
 from support import GO_APP_PASSWORD, REPO, make_go_database, write_config
 
 MISSING = "sqlite db not found at {path}; create it with mailcloakctl init"
@@ -69,7 +70,7 @@ def run(capsys):
 
 
 @pytest.fixture
-def db(go_db, run):
+def sqlite_db(go_db, run):
     """The Go-project database and a runner bound to it with --db."""
 
     def _db(*argv: str) -> tuple[int, str, str]:
@@ -79,7 +80,24 @@ def db(go_db, run):
     return _db
 
 
-def dump(path: Path) -> str:
+@pytest.fixture
+def db(store_kind, go_site, run, tmp_path, request):
+    """The Go-project data in each store and a runner bound to it: SQLite with --db, PostgreSQL
+    with --config (its store.backend). `db.path` is the SQLite file or the PostgreSQL site."""
+    if store_kind == "sqlite":
+        return request.getfixturevalue("sqlite_db")
+    config = write_config(tmp_path, **go_site.config_sections())
+
+    def _db(*argv: str) -> tuple[int, str, str]:
+        return run("--config", str(config), *argv)
+
+    _db.path = go_site
+    return _db
+
+
+def dump(path) -> str:
+    if not isinstance(path, Path):
+        return dump_site(path)
     con = sqlite3.connect(path)
     try:
         return "\n".join(con.iterdump())
@@ -87,7 +105,10 @@ def dump(path: Path) -> str:
         con.close()
 
 
-def rows(path: Path, sql: str, params: tuple = ()) -> list[tuple]:
+def rows(path, sql: str, params: tuple = ()) -> list[tuple]:
+    """`path`: an SQLite file or a PostgreSQL site (tests/stores.py)."""
+    if not isinstance(path, Path):
+        return path.query(sql, params)
     con = sqlite3.connect(path)
     try:
         return con.execute(sql, params).fetchall()
@@ -95,7 +116,7 @@ def rows(path: Path, sql: str, params: tuple = ()) -> list[tuple]:
         con.close()
 
 
-def secret_hash(path: Path, app_id: str) -> str:
+def secret_hash(path, app_id: str) -> str:
     (row,) = rows(path, "SELECT secret_hash FROM apps WHERE app_id = ?", (app_id,))
     return row[0]
 
@@ -373,7 +394,7 @@ def test_apps_add_prompts_twice_on_a_terminal(db, monkeypatch):
 def test_apps_add_prompt_refuses_mismatch_and_empty(db, monkeypatch, answers, message):
     before = dump(db.path)
     monkeypatch.setattr(sys, "stdin", FakeTty(""))
-    fake_getpass(monkeypatch, answers)
+    fake_getpass(monkeypatch, list(answers))
     code, out, err = db("apps", "add", "Prompted")
     assert_one_error_line(code, out, err, message)
     assert dump(db.path) == before
@@ -514,9 +535,9 @@ def test_usage_errors_are_one_line(db, argv):
     assert dump(db.path) == before
 
 
-def test_db_and_config_exclude_each_other(tmp_path, db):
+def test_db_and_config_exclude_each_other(tmp_path, sqlite_db):
     config = write_config(tmp_path)
-    code, out, err = db("--config", str(config), "domains", "list")
+    code, out, err = sqlite_db("--config", str(config), "domains", "list")
     assert_one_error_line(code, out, err, "give either --db or --config, not both")
 
 
@@ -557,7 +578,8 @@ def test_config_names_the_database(tmp_path, go_db, run):
 # The Go database stays a Go database ---------------------------------------------------------
 
 
-def test_go_database_edited_by_the_cli_still_holds_its_rules(db):
+def test_go_database_edited_by_the_cli_still_holds_its_rules(sqlite_db):
+    db = sqlite_db
     assert db("domains", "add", "d4.test") == (0, "", "")
     assert db("aliases", "add", "x@d4.test", "dave") == (0, "", "")
     assert db("aliases", "disable", "alias1@d1.test") == (0, "", "")

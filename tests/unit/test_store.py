@@ -1,10 +1,11 @@
-"""SQLite store (SPEC §5, COMPAT.md "Database"): real files in tmp_path."""
+"""The store (SPEC §5, COMPAT.md "Database"). SQLite: real files in tmp_path. What a store means
+(writes, triggers, change detection, the snapshot) runs against both stores (tests/stores.py);
+opening, file faults and the Go schema as it is are SQLite's own."""
 
 from __future__ import annotations
 
 import asyncio
 import shutil
-import sqlite3
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from mailcloak.config import SQLiteConfig
 from mailcloak.errors import InvalidInput, NotFound, StoreError, StoreMissing
 from mailcloak.store.model import Alias, App, AppSender, Domain, Rows, Snapshot
 from mailcloak.store.sqlite import SCHEMA_VERSION, SQLiteStore
+from stores import SQLiteSite, both_store_kinds  # noqa: F401 - the fixture runs each test on both stores
 from support import make_go_database
 
 POLL = 0.02
@@ -27,22 +29,14 @@ async def open_store(path: Path, create: bool = False) -> SQLiteStore:
     return await SQLiteStore.open(cfg(path), create=create)
 
 
-def query(path: Path, sql: str, params: tuple = ()) -> list[tuple]:
-    con = sqlite3.connect(path)
-    try:
-        return con.execute(sql, params).fetchall()
-    finally:
-        con.close()
+def query(path, sql: str, params: tuple = ()) -> list[tuple]:
+    """Read as another process would: `path` is an SQLite file or a site of tests/stores.py."""
+    return (SQLiteSite(path) if isinstance(path, Path) else path).query(sql, params)
 
 
-def execute(path: Path, sql: str, params: tuple = ()) -> None:
-    con = sqlite3.connect(path)
-    try:
-        con.execute("PRAGMA foreign_keys = ON")
-        con.execute(sql, params)
-        con.commit()
-    finally:
-        con.close()
+def execute(path, sql: str, params: tuple = ()) -> None:
+    """Write as another process would: `path` is an SQLite file or a site of tests/stores.py."""
+    (SQLiteSite(path) if isinstance(path, Path) else path).execute(sql, params)
 
 
 GO_COLUMNS = {
@@ -53,10 +47,11 @@ GO_COLUMNS = {
 }
 
 
-def table_contents(path: Path) -> dict[str, list[tuple]]:
+def table_contents(path) -> dict[str, list[tuple]]:
     """The Go project's columns of its four tables (later versions only add columns)."""
     return {table: query(path, f"SELECT {columns} FROM {table} ORDER BY 1, 2")
             for table, columns in GO_COLUMNS.items()}
+
 
 
 def schema(path: Path) -> list[tuple]:
@@ -78,15 +73,15 @@ def go_db(go_db_template, tmp_path):
 
 
 @pytest.fixture
-async def new_store(tmp_path):
-    store = await open_store(tmp_path / "new" / "state.db", create=True)
+async def new_store(new_site):
+    store = await new_site.open(create=True)
     yield store
     await store.close()
 
 
 @pytest.fixture
-async def go_store(go_db):
-    store = await open_store(go_db)
+async def go_store(go_site):
+    store = await go_site.open()
     yield store
     await store.close()
 
@@ -181,9 +176,9 @@ async def test_go_database_loads_without_migration(go_db):
     assert {a.expires_at for a in rows.apps} == {None}
 
 
-async def test_version_2_columns_load(tmp_path):
-    path = tmp_path / "state.db"
-    store = await open_store(path, create=True)
+async def test_version_2_columns_load(new_site):
+    path = new_site
+    store = await new_site.open(create=True)
     try:
         await store.add_domain("d1.test")
         await store.add_alias("team@d1.test", "alice")
@@ -242,27 +237,27 @@ async def test_database_missing_a_table(go_db):
 
 
 @pytest.mark.parametrize("make", ["mailcloak", "go"])
-async def test_alias_domain_trigger(tmp_path, go_db, make):
-    path = go_db
+async def test_alias_domain_trigger(go_site, new_site, make):
+    path = go_site
     if make == "mailcloak":
-        path = tmp_path / "mc.db"
-        store = await open_store(path, create=True)
+        path = new_site
+        store = await new_site.open(create=True)
         await store.add_domain("d1.test")
         await store.add_domain("d2.test")
         await store.close()
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(path.integrity_error):
         execute(path, "INSERT INTO aliases(alias_email, target_user, alias_domain_name) "
                       "VALUES ('x@d1.test', 'alice', 'd2.test')")
     execute(path, "INSERT INTO aliases(alias_email, target_user, alias_domain_name) "
                   "VALUES ('y@d1.test', 'alice', 'd1.test')")
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(path.integrity_error):
         execute(path, "UPDATE aliases SET alias_domain_name = 'd2.test' WHERE alias_email = 'y@d1.test'")
     assert query(path, "SELECT alias_domain_name FROM aliases WHERE alias_email = 'y@d1.test'") == [("d1.test",)]
     assert query(path, "SELECT count(*) FROM aliases WHERE alias_email = 'x@d1.test'") == [(0,)]
 
 
-async def test_updated_at_trigger(new_store, tmp_path):
-    path = tmp_path / "new" / "state.db"
+async def test_updated_at_trigger(new_store, new_site):
+    path = new_site
     execute(path, "INSERT INTO domains(domain_name, enabled, updated_at) VALUES ('d1.test', 1, 1000)")
     execute(path, "INSERT INTO apps(app_id, secret_hash, updated_at) VALUES ('A', 'h', 1000)")
     execute(path, "INSERT INTO app_from(app_id, from_addr, updated_at) VALUES ('A', 'a@d1.test', 1000)")
@@ -288,11 +283,11 @@ async def test_updated_at_trigger(new_store, tmp_path):
     ("x@unknown.test", NotFound),
     ("x@d3.test", InvalidInput),   # domain disabled
 ])
-async def test_add_alias_bad_domain_writes_nothing(go_store, go_db, alias, error):
-    before = table_contents(go_db)
+async def test_add_alias_bad_domain_writes_nothing(go_store, go_site, alias, error):
+    before = table_contents(go_site)
     with pytest.raises(error, match=alias.split("@")[1]):
         await go_store.add_alias(alias, "alice")
-    assert table_contents(go_db) == before
+    assert table_contents(go_site) == before
 
 
 async def test_add_alias_upsert_reenables(go_store):
@@ -305,13 +300,13 @@ async def test_add_alias_upsert_reenables(go_store):
                                            aliases["new@d2.test"].updated_at)
 
 
-async def test_add_app_case_clash(go_store, go_db):
-    before = table_contents(go_db)
+async def test_add_app_case_clash(go_store, go_site):
+    before = table_contents(go_site)
     with pytest.raises(InvalidInput, match="case"):
         await go_store.add_app("mailer", "{ARGON2ID}other")
     with pytest.raises(InvalidInput):
         await go_store.add_app("MAILER", "{ARGON2ID}other")
-    assert table_contents(go_db) == before
+    assert table_contents(go_site) == before
 
 
 async def test_add_app_same_id_replaces_secret_and_reenables(go_store):
@@ -363,12 +358,12 @@ async def _not_done_after_polls(task: asyncio.Task, polls: int = 10) -> bool:
     return not task.done()
 
 
-async def test_wait_for_change_returns_after_other_commit_and_not_before(go_store, go_db):
+async def test_wait_for_change_returns_after_other_commit_and_not_before(go_store, go_site):
     await go_store.load()
     task = asyncio.create_task(go_store.wait_for_change())
     try:
         assert await _not_done_after_polls(task)
-        execute(go_db, "UPDATE domains SET enabled = 0 WHERE domain_name = 'd2.test'")
+        execute(go_site, "UPDATE domains SET enabled = 0 WHERE domain_name = 'd2.test'")
         await asyncio.wait_for(task, 10)
     finally:
         task.cancel()
@@ -376,7 +371,7 @@ async def test_wait_for_change_returns_after_other_commit_and_not_before(go_stor
     task = asyncio.create_task(go_store.wait_for_change())
     try:
         assert await _not_done_after_polls(task)
-        execute(go_db, "INSERT INTO domains(domain_name) VALUES ('d9.test')")
+        execute(go_site, "INSERT INTO domains(domain_name) VALUES ('d9.test')")
         await asyncio.wait_for(task, 10)
     finally:
         task.cancel()
@@ -393,25 +388,25 @@ async def test_wait_for_change_ignores_own_reads(go_store):
         task.cancel()
 
 
-async def test_commit_between_load_and_wait_is_not_lost(go_store, go_db):
+async def test_commit_between_load_and_wait_is_not_lost(go_store, go_site):
     """The daemon loads, then starts waiting: a commit in between must still be seen."""
     rows = await go_store.load()
     assert "d9.test" not in {d.name for d in rows.domains}
-    execute(go_db, "INSERT INTO domains(domain_name) VALUES ('d9.test')")
+    execute(go_site, "INSERT INTO domains(domain_name) VALUES ('d9.test')")
     await asyncio.wait_for(go_store.wait_for_change(), 10)
 
 
-async def test_commit_while_loading_is_not_lost(go_store, go_db):
+async def test_commit_while_loading_is_not_lost(go_store, go_site):
     await go_store.load()
     task = asyncio.create_task(go_store.wait_for_change())
     try:
         assert await _not_done_after_polls(task, 3)
-        execute(go_db, "INSERT INTO domains(domain_name) VALUES ('d8.test')")
+        execute(go_site, "INSERT INTO domains(domain_name) VALUES ('d8.test')")
         await asyncio.wait_for(task, 10)
     finally:
         task.cancel()
     # a commit after the change was reported but before the next wait starts is seen too
-    execute(go_db, "INSERT INTO domains(domain_name) VALUES ('d7.test')")
+    execute(go_site, "INSERT INTO domains(domain_name) VALUES ('d7.test')")
     await asyncio.wait_for(go_store.wait_for_change(), 10)
 
 
