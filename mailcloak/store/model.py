@@ -7,6 +7,7 @@ when the store reports a change, and swapped in whole.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
 from typing import Mapping
 
@@ -16,6 +17,10 @@ class Domain:
     name: str
     enabled: bool
     updated_at: int
+
+
+# Who may send as an alias (aliases.send_policy): its targets, nobody, or its alias_senders rows.
+SEND_POLICIES = ("members", "nobody", "listed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +44,20 @@ class Alias:
     def targets(self) -> tuple[str, ...]:
         """Every target username, the first one (aliases.target_user) first."""
         return (self.target_user, *self.extra_targets)
+
+    @property
+    def target_addresses(self) -> tuple[str, ...]:
+        """What the socketmap rewrites the alias to: each target `@<domain of the alias>`."""
+        return tuple(f"{target}@{self.domain}" for target in self.targets)
+
+    @property
+    def sender_users(self) -> tuple[str, ...]:
+        """The IdP usernames that may send as this alias, by its send_policy."""
+        if self.send_policy == "members":
+            return self.targets
+        if self.send_policy == "listed":
+            return self.listed_senders
+        return ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +130,18 @@ class Snapshot:
         if alias is None or not alias.enabled or not self.is_local(alias.domain.lower()):
             return None
         return alias
+
+    def catch_all(self, domain: str) -> Alias | None:
+        """The enabled catch-all (`@domain` alias) of a lower-case local domain."""
+        return self.active_alias("@" + domain)
+
+    @cached_property
+    def alias_targets(self) -> frozenset[str]:
+        """Every address an enabled alias rewrites to, lower-case. Postfix looks each one up
+        again, and such an address must never fall into its domain's catch-all (a loop, or mail
+        for a mistyped target silently landing elsewhere). Built on first use, once per snapshot."""
+        return frozenset(address.lower() for alias in self.aliases.values() if alias.enabled
+                         for address in alias.target_addresses)
 
     def app(self, login: str) -> App | None:
         """The app whose id matches a login name case-insensitively (Dovecot lower-cases it)."""

@@ -17,7 +17,7 @@ from typing import AsyncIterator, Protocol
 
 from mailcloak.errors import InvalidInput, NotFound
 from mailcloak.store.base import Store
-from mailcloak.store.model import Alias, App, AppSender, Domain, Rows
+from mailcloak.store.model import SEND_POLICIES, Alias, App, AppSender, Domain, Rows
 
 
 class Transaction(Protocol):
@@ -130,9 +130,17 @@ class SQLStore(Store):
             raise NotFound(f"domain not found: {domain}")
 
     async def add_alias(self, alias: str, target_user: str) -> None:
+        await self.set_alias_targets(alias, (target_user,))
+
+    async def set_alias_targets(self, alias: str, targets: tuple[str, ...]) -> None:
+        if not targets:
+            raise InvalidInput(f"alias {alias} needs at least one target")
         domain = alias.rpartition("@")[2]
-        # The domain check and the upsert share one transaction, so nothing is half-written.
+        # The domain check, the upsert and the list share one transaction: nothing is half-written.
         async with self._transaction(write=True) as tx:
+            v2 = await self._schema_version(tx) >= 2
+            if len(targets) > 1 and not v2:
+                raise InvalidInput(_NEEDS_V2)
             row = await tx.fetchone("SELECT enabled FROM domains WHERE domain_name = ?", (domain,))
             if row is None:
                 raise NotFound(f"domain not found: {domain}")
@@ -142,8 +150,35 @@ class SQLStore(Store):
                 "INSERT INTO aliases(alias_email, target_user, alias_domain_name, enabled, updated_at) "
                 "VALUES (?, ?, ?, 1, ?) ON CONFLICT(alias_email) DO UPDATE SET "
                 "target_user = excluded.target_user, enabled = 1, updated_at = excluded.updated_at",
-                (alias, target_user, domain, _now()),
+                (alias, targets[0], domain, _now()),
             )
+            if v2:
+                await tx.execute("DELETE FROM alias_targets WHERE alias_email = ?", (alias,))
+                for position, target in enumerate(targets[1:], 1):
+                    await tx.execute(
+                        "INSERT INTO alias_targets(alias_email, target_user, position) VALUES (?, ?, ?)",
+                        (alias, target, position),
+                    )
+
+    async def set_alias_senders(self, alias: str, policy: str, users: tuple[str, ...]) -> None:
+        if policy not in SEND_POLICIES:
+            raise InvalidInput(f"invalid sender rule {policy!r} (choose members, nobody or listed)")
+        if (policy == "listed") != bool(users):
+            raise InvalidInput("give users with 'listed', and only with 'listed'")
+        async with self._transaction(write=True) as tx:
+            if await self._schema_version(tx) < 2:
+                raise InvalidInput(_NEEDS_V2)
+            count = await tx.execute(
+                "UPDATE aliases SET send_policy = ?, updated_at = ? WHERE alias_email = ?",
+                (policy, _now(), alias),
+            )
+            if not count:
+                raise NotFound(f"alias not found: {alias}")
+            await tx.execute("DELETE FROM alias_senders WHERE alias_email = ?", (alias,))
+            for user in users:
+                await tx.execute(
+                    "INSERT INTO alias_senders(alias_email, sender_user) VALUES (?, ?)", (alias, user)
+                )
 
     async def set_alias_enabled(self, alias: str, enabled: bool) -> None:
         count = await self._write(
@@ -216,6 +251,10 @@ class SQLStore(Store):
             )
             if not count:
                 raise NotFound(f"app {stored} is not allowed to send as {address}")
+
+
+_NEEDS_V2 = ("this database has the Go schema (version 1), which holds one target per alias and no "
+             "sender rules: run mailcloakctl init to upgrade it")
 
 
 def _now() -> int:
