@@ -140,7 +140,7 @@ async def _alias_from_idp(address: str, base: str, extension: str, catch_all: Al
     if idp.lists_enabled:
         for candidate, suffix in ((address, ""), (base, extension)):
             group = await idp.list_by_address(candidate)
-            if group is not None:
+            if group is not None and group.members:  # a list nobody is in receives nothing
                 return _ok((member.email for member in group.members), suffix)
             if base == address:
                 break
@@ -212,7 +212,7 @@ async def _sender_logins(base: str, alias: Alias | None, apps: tuple[str, ...],
         owners.extend(u for u in found if u is not None)
     logins: dict[str, str] = {}
     for login in (*(name for u in owners for name in (u.username, u.email)), *apps):
-        if login and is_safe_token(login):
+        if login and all(is_safe_token(part) for part in login.split("@")):
             logins.setdefault(login.lower(), login)
     return _ok(logins.values())
 
