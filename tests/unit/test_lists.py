@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sqlite3
 from pathlib import Path
 from types import MappingProxyType
@@ -291,3 +292,41 @@ async def test_recipient_exists(recipient, expected):
 async def test_who_may_send_as_a_list(login, sender, expected):
     action = await policy(protocol_state="MAIL", sender=sender, sasl_method="XOAUTH2", sasl_username=login)
     assert action == expected
+
+
+# Config ----------------------------------------------------------------------------------------
+
+
+def static_config(tmp_path, lists) -> Path:
+    import yaml
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"idp": {"provider": "static", "static": {
+        "users": [{"username": "alice", "email": "alice@d1.test"}], "lists": lists}}}))
+    return path
+
+
+@pytest.mark.parametrize("lists, message", [
+    ([{"address": "team"}], "idp.static.lists[0].address must be an address"),
+    ([{"address": "team@d1.test"}], "idp.static.lists[0].members must name at least one user"),
+    ([{"address": "team@d1.test", "members": ["bob"]}], "'bob' is not in idp.static.users"),
+    ([{"address": "team@d1.test", "members": ["alice"], "send_policy": "listed"}],
+     "idp.static.lists[0].senders must be given"),
+    ([{"address": "team@d1.test", "members": ["alice"], "send_policy": "all"}],
+     "idp.static.lists[0].send_policy must be one of"),
+    ([{"address": "team@d1.test", "members": ["alice"], "owner": "alice"}],
+     "unknown key idp.static.lists[0].owner"),
+])
+def test_static_lists_config_errors_name_the_key(tmp_path, lists, message):
+    from mailcloak.config import load_config
+    from mailcloak.errors import ConfigError
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(static_config(tmp_path, lists))
+
+
+def test_static_lists_config(tmp_path):
+    from mailcloak.config import load_config
+    config = load_config(static_config(tmp_path, [{"address": "Team@d1.test", "members": ["Alice"]}]))
+    assert config.idp.static.lists == (StaticList("Team@d1.test", ("Alice",)),)
+    idp = StaticProvider(config.idp.static)
+    assert idp.lists_enabled
+    assert asyncio.run(idp.list_by_address("team@D1.test")).members[0].username == "alice"
