@@ -97,6 +97,12 @@ def _address(key: str) -> str | None:
     return address
 
 
+def _safe_word(value: str) -> bool:
+    """Can `value` (a login or an address from the IdP or the database) stand in a reply as one
+    item of a comma-separated list? No space, comma or control character."""
+    return bool(value) and all(is_safe_token(part) for part in value.split("@"))
+
+
 def _ok(addresses: Iterable[str], extension: str = "") -> Reply:
     """`OK a,b,...` (virtual(5)'s list form). An extension that could split the answer (comma,
     space, quote) is not copied."""
@@ -141,7 +147,7 @@ async def _alias_from_idp(address: str, base: str, extension: str, catch_all: Al
         for candidate, suffix in ((address, ""), (base, extension)):
             group = await idp.list_by_address(candidate)
             if group is not None and group.members:  # a list nobody is in receives nothing
-                return _ok((member.email for member in group.members), suffix)
+                return _ok((m.email for m in group.members if _safe_word(m.email)), suffix)
             if base == address:
                 break
     if catch_all is not None:
@@ -212,7 +218,7 @@ async def _sender_logins(base: str, alias: Alias | None, apps: tuple[str, ...],
         owners.extend(u for u in found if u is not None)
     logins: dict[str, str] = {}
     for login in (*(name for u in owners for name in (u.username, u.email)), *apps):
-        if login and all(is_safe_token(part) for part in login.split("@")):
+        if _safe_word(login):
             logins.setdefault(login.lower(), login)
     return _ok(logins.values())
 

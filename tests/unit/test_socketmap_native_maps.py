@@ -207,3 +207,27 @@ async def test_key_over_postfix_limit(name):
 
 async def test_unknown_map():
     assert (await ask("virtual", "alice@d1.test")).status == "PERM"
+
+
+async def test_idp_values_that_would_split_a_reply_are_left_out():
+    """A Keycloak email or an app id with a comma or space must not add a target or a login."""
+    from mailcloak.idp.base import IdPList, IdPUser
+
+    class OddIdP(IdentityProvider):
+        name = "odd"
+        lists_enabled = True
+
+        async def user_by_address(self, address):
+            return None
+
+        async def user_by_username(self, username):
+            return IdPUser(username, "x y@d1.test") if username == "odd" else None
+
+        async def list_by_address(self, address):
+            return IdPList(address, (IdPUser("a", "a@d1.test"), IdPUser("odd", "evil@x.test,b@d1.test"),
+                                     IdPUser("sp", "s p@d1.test")), "listed", ("odd",))
+
+    snapshot = Snapshot.from_rows(Rows(ROWS.domains, (), (
+        App("a,b", "{ARGON2ID}x", True, 0, (AppSender("list@d1.test", True),)),)))
+    assert await ask("alias", "list@d1.test", OddIdP(), snapshot=snapshot) == Reply("OK", "a@d1.test")
+    assert await ask("sender_login", "list@d1.test", OddIdP(), snapshot=snapshot) == Reply("OK", "odd")
