@@ -25,7 +25,10 @@ The words, arguments and tab-separated list output are those of the Go project's
   are created or enabled; `del` and `disable` only normalise, so a bad row written by hand can
   still be removed. An alias target is an IdP username: case kept, no spaces, '@', commas or
   control characters (the socketmap answers `target@domain`). `aliases list --user` matches the
-  user case-insensitively, as the policy does. App ids: surrounding whitespace stripped, case
+  user case-insensitively, as the policy does. `aliases add A U` keeps the Go meaning (A → U
+  alone); more users make a distribution list and `@domain` is the domain's catch-all;
+  `aliases senders` sets a list's sender rule; `aliases list` prints a list as one line per
+  target (README "Distribution lists and catch-all"). App ids: surrounding whitespace stripped, case
   kept, matched case-insensitively; a new id may not contain whitespace or control characters,
   and `apps add` refuses one that differs from an existing id only in case, before it asks for
   a password.

@@ -129,7 +129,7 @@ def alias_map(key: str, snapshot: Snapshot, delimiters: str, idp: IdentityProvid
             return _ok(alias.target_addresses, extension)
     domain = domain_of(address)
     catch_all = snapshot.catch_all(domain)
-    if catch_all is not None and (address in snapshot.alias_targets or base in snapshot.alias_targets):
+    if catch_all is not None and (snapshot.is_alias_target(address) or snapshot.is_alias_target(base)):
         catch_all = None
     if catch_all is None and not (idp.lists_enabled and snapshot.is_local(domain)):
         return NOTFOUND  # nothing further could match: no IdP question

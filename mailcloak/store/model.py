@@ -135,13 +135,27 @@ class Snapshot:
         """The enabled catch-all (`@domain` alias) of a lower-case local domain."""
         return self.active_alias("@" + domain)
 
+    def is_alias_target(self, address: str) -> bool:
+        """Does an enabled alias or list rewrite to this lower-case address? Postfix looks every
+        answer up again, and such an address must never fall into its domain's catch-all (a loop,
+        or mail for a mistyped target silently landing elsewhere)."""
+        local, _, domain = address.rpartition("@")
+        return local in self._alias_targets_in(domain)
+
+    def _alias_targets_in(self, domain: str) -> frozenset[str]:
+        """Lower-case target local parts of the enabled aliases of `domain`, built on first use
+        per domain and snapshot (only catch-all domains ask), one pass over the aliases."""
+        memo = self._targets_memo
+        found = memo.get(domain)
+        if found is None:
+            found = memo[domain] = frozenset(
+                target.lower() for alias in self.aliases.values()
+                if alias.enabled and alias.domain.lower() == domain for target in alias.targets)
+        return found
+
     @cached_property
-    def alias_targets(self) -> frozenset[str]:
-        """Every address an enabled alias rewrites to, lower-case. Postfix looks each one up
-        again, and such an address must never fall into its domain's catch-all (a loop, or mail
-        for a mistyped target silently landing elsewhere). Built on first use, once per snapshot."""
-        return frozenset(address.lower() for alias in self.aliases.values() if alias.enabled
-                         for address in alias.target_addresses)
+    def _targets_memo(self) -> dict[str, frozenset[str]]:
+        return {}
 
     def app(self, login: str) -> App | None:
         """The app whose id matches a login name case-insensitively (Dovecot lower-cases it)."""
