@@ -134,3 +134,27 @@ def test_daemon_answers_lists_from_keycloak(daemon, groups):
                           sasl_username="erin") == "DUNNO"
     finally:
         policy.close()
+
+
+def test_pipelined_requests_keep_their_order_while_the_idp_hangs(tmp_path, go_db, groups):
+    """Answers from the database come at once, an IdP question within the policy deadline as
+    TEMP; several requests in one write are answered in order."""
+    config = write_config(tmp_path, idp={"provider": "keycloak", "keycloak": {
+        "base_url": groups.url, "realm": "mail", "client_id": CLIENT_ID,
+        "client_secret": CLIENT_SECRET, "list_attribute": "mailList", "request_timeout_seconds": 30}},
+        policy={"request_deadline_seconds": 0.5})
+    proc = DaemonProcess(config).start()
+    sm = SocketmapClient(proc.socketmap_socket)
+    try:
+        groups.set_fault("hang")
+        requests = [b"alias team@d1.test", b"alias alias1@d1.test", b"domain d1.test",
+                    b"mailbox alice@d1.test", b"alias Alias1+x@d1.test"]
+        sm.sock.sendall(b"".join(b"%d:%s," % (len(r), r) for r in requests))
+        answers = [sm.read_reply() for _ in requests]
+        assert answers == ["TEMP identity provider did not answer in time", "OK alice@d1.test",
+                           "OK d1.test", "TEMP identity provider did not answer in time",
+                           "OK alice+x@d1.test"]
+    finally:
+        groups.clear_fault()
+        sm.close()
+        proc.stop()

@@ -330,3 +330,28 @@ def test_static_lists_config(tmp_path):
     idp = StaticProvider(config.idp.static)
     assert idp.lists_enabled
     assert asyncio.run(idp.list_by_address("team@D1.test")).members[0].username == "alice"
+
+
+# A locked database -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("write", [
+    lambda store: store.set_alias_targets("team@d1.test", ("alice", "bob")),
+    lambda store: store.set_alias_senders("alias1@d1.test", "nobody", ()),
+    lambda store: store.add_alias("@d1.test", "alice"),
+])
+async def test_locked_database_is_a_clear_error_and_writes_nothing(v2_db, write):
+    from mailcloak.errors import StoreLocked
+    store = await SQLiteStore.open(SQLiteConfig(path=str(v2_db), busy_timeout_seconds=0.2))
+    holder = sqlite3.connect(v2_db, isolation_level=None)
+    try:
+        before = rows_of(v2_db, "SELECT * FROM aliases ORDER BY 1")
+        holder.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreLocked):
+            await write(store)
+        holder.execute("ROLLBACK")
+        assert rows_of(v2_db, "SELECT * FROM aliases ORDER BY 1") == before
+        assert rows_of(v2_db, "SELECT count(*) FROM alias_targets") == [(0,)]
+    finally:
+        holder.close()
+        await store.close()
