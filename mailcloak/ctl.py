@@ -252,6 +252,14 @@ async def _aliases_add(store: Store, args: argparse.Namespace) -> None:
         await store.set_alias_targets(alias, users)
 
 
+async def _aliases_add_member(store: Store, args: argparse.Namespace) -> None:
+    await store.add_alias_member(_lookup_address(args.alias), _check_user(args.user))
+
+
+async def _aliases_del_member(store: Store, args: argparse.Namespace) -> None:
+    await store.remove_alias_member(_lookup_address(args.alias), args.user.strip())
+
+
 async def _aliases_senders(store: Store, args: argparse.Namespace) -> None:
     await store.set_alias_senders(_lookup_address(args.alias), args.policy.strip().lower(),
                                   _check_users(args.users) if args.users else ())
@@ -410,6 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
          "add an alias for an IdP user, or update and re-enable it; several users make a "
          "distribution list; ALIAS @DOMAIN is the domain's catch-all",
          alias_arg, ("users", {"metavar": "USER", "nargs": "+"}))
+    leaf(asub, "add-member", _aliases_add_member, "add a user to a distribution list",
+         alias_arg, ("user", {"metavar": "USER"}))
+    leaf(asub, "del-member", _aliases_del_member, "remove a user from a distribution list",
+         alias_arg, ("user", {"metavar": "USER"}))
     leaf(asub, "senders", _aliases_senders,
          "who may send as the alias: members (its targets, the default), nobody, or listed USERs",
          alias_arg, ("policy", {"metavar": "members|nobody|listed"}),

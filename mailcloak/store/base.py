@@ -63,6 +63,16 @@ class Store(ABC):
         `mailcloakctl init`."""
 
     @abstractmethod
+    async def add_alias_member(self, alias: str, user: str) -> None:
+        """Append `user` to the alias's targets (nothing when it is one already, in any case).
+        The alias must exist; its enabled state is kept; a version 1 database: InvalidInput."""
+
+    @abstractmethod
+    async def remove_alias_member(self, alias: str, user: str) -> None:
+        """Remove `user` from the alias's targets (the next one becomes aliases.target_user).
+        NotFound when it is no target; InvalidInput for the last one (delete the alias)."""
+
+    @abstractmethod
     async def set_alias_senders(self, alias: str, policy: str, users: tuple[str, ...]) -> None:
         """Who may send as the alias: `members` (its targets), `nobody`, or `listed` (exactly
         `users`, given only then). The alias must exist; a version 1 database: InvalidInput."""

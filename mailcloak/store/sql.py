@@ -153,12 +153,52 @@ class SQLStore(Store):
                 (alias, targets[0], domain, _now()),
             )
             if v2:
-                await tx.execute("DELETE FROM alias_targets WHERE alias_email = ?", (alias,))
-                for position, target in enumerate(targets[1:], 1):
-                    await tx.execute(
-                        "INSERT INTO alias_targets(alias_email, target_user, position) VALUES (?, ?, ?)",
-                        (alias, target, position),
-                    )
+                await self._write_extra_targets(tx, alias, targets[1:])
+
+    @staticmethod
+    async def _write_extra_targets(tx: Transaction, alias: str, extra: tuple[str, ...]) -> None:
+        await tx.execute("DELETE FROM alias_targets WHERE alias_email = ?", (alias,))
+        for position, target in enumerate(extra, 1):
+            await tx.execute(
+                "INSERT INTO alias_targets(alias_email, target_user, position) VALUES (?, ?, ?)",
+                (alias, target, position),
+            )
+
+    async def _change_members(self, alias: str, change) -> None:
+        """Read an alias's targets, apply `change` (targets → new targets), write them back, in
+        one transaction; its enabled state is kept."""
+        async with self._transaction(write=True) as tx:
+            if await self._schema_version(tx) < 2:
+                raise InvalidInput(_NEEDS_V2)
+            row = await tx.fetchone("SELECT target_user FROM aliases WHERE alias_email = ?", (alias,))
+            if row is None:
+                raise NotFound(f"alias not found: {alias}")
+            targets = (row[0], *[target async for (target,) in tx.rows(
+                "SELECT target_user FROM alias_targets WHERE alias_email = ? "
+                "ORDER BY position, target_user", (alias,))])
+            new = change(targets)
+            if new == targets:
+                return
+            await tx.execute("UPDATE aliases SET target_user = ?, updated_at = ? WHERE alias_email = ?",
+                             (new[0], _now(), alias))
+            await self._write_extra_targets(tx, alias, new[1:])
+
+    async def add_alias_member(self, alias: str, user: str) -> None:
+        def change(targets: tuple[str, ...]) -> tuple[str, ...]:
+            if any(t.lower() == user.lower() for t in targets):
+                return targets
+            return (*targets, user)
+        await self._change_members(alias, change)
+
+    async def remove_alias_member(self, alias: str, user: str) -> None:
+        def change(targets: tuple[str, ...]) -> tuple[str, ...]:
+            kept = tuple(t for t in targets if t.lower() != user.lower())
+            if len(kept) == len(targets):
+                raise NotFound(f"{user} is not a target of {alias}")
+            if not kept:
+                raise InvalidInput(f"{user} is the only target of {alias}: delete the alias instead")
+            return kept
+        await self._change_members(alias, change)
 
     async def set_alias_senders(self, alias: str, policy: str, users: tuple[str, ...]) -> None:
         if policy not in SEND_POLICIES:

@@ -85,6 +85,26 @@ async def test_one_target_add_means_alias_to_that_user_alone(v2_store):
     assert (team.send_policy, team.listed_senders) == ("listed", ("dave",))
 
 
+async def test_members_join_and_leave_one_at_a_time(v2_store, v2_db):
+    await v2_store.set_alias_targets("team@d1.test", ("alice", "bob"))
+    await v2_store.set_alias_enabled("team@d1.test", False)
+    await v2_store.add_alias_member("team@d1.test", "carol")
+    await v2_store.add_alias_member("team@d1.test", "BOB")       # already in: nothing changes
+    team = await alias_of(v2_store, "team@d1.test")
+    assert (team.targets, team.enabled) == (("alice", "bob", "carol"), False)
+    await v2_store.remove_alias_member("team@d1.test", "Alice")  # the first: the next takes its place
+    assert (await alias_of(v2_store, "team@d1.test")).targets == ("bob", "carol")
+    assert rows_of(v2_db, "SELECT target_user FROM aliases WHERE alias_email = 'team@d1.test'") == [("bob",)]
+    with pytest.raises(NotFound, match="zed is not a target of team@d1.test"):
+        await v2_store.remove_alias_member("team@d1.test", "zed")
+    await v2_store.remove_alias_member("team@d1.test", "bob")
+    with pytest.raises(InvalidInput, match="only target"):
+        await v2_store.remove_alias_member("team@d1.test", "carol")
+    assert (await alias_of(v2_store, "team@d1.test")).targets == ("carol",)
+    with pytest.raises(NotFound, match="alias not found"):
+        await v2_store.add_alias_member("nope@d1.test", "carol")
+
+
 async def test_sender_rules(v2_store, v2_db):
     await v2_store.set_alias_targets("team@d1.test", ("carol", "alice"))
     await v2_store.set_alias_senders("team@d1.test", "listed", ("dave", "erin"))
@@ -140,6 +160,8 @@ async def test_go_database_refuses_list_data_and_keeps_one_target_aliases(go_sto
         await go_store.set_alias_targets("team@d1.test", ("alice", "bob"))
     with pytest.raises(InvalidInput, match="run mailcloakctl init"):
         await go_store.set_alias_senders("alias1@d1.test", "nobody", ())
+    with pytest.raises(InvalidInput, match="run mailcloakctl init"):
+        await go_store.add_alias_member("alias1@d1.test", "bob")
     assert rows_of(go_db, "SELECT * FROM aliases ORDER BY 1") == before
     await go_store.add_alias("alias1@d1.test", "carol")  # the Go meaning, on the Go schema
     assert (await alias_of(go_store, "alias1@d1.test")).targets == ("carol",)
@@ -194,6 +216,9 @@ def test_ctl_json_carries_the_whole_list(ctl):
     (["aliases", "senders", "alias1@d1.test", "everyone"], "invalid sender rule 'everyone'"),
     (["aliases", "senders", "alias1@d1.test", "listed"], "only with 'listed'"),
     (["aliases", "senders", "nope@d1.test", "nobody"], "alias not found: nope@d1.test"),
+    (["aliases", "add-member", "alias1@d1.test", "a b"], "invalid user"),
+    (["aliases", "del-member", "alias1@d1.test", "alice"], "only target of alias1@d1.test"),
+    (["aliases", "del-member", "alias1@d1.test", "bob"], "bob is not a target of alias1@d1.test"),
 ])
 def test_ctl_errors_are_one_line_and_change_nothing(ctl, v2_db, argv, message):
     before = {t: rows_of(v2_db, f"SELECT * FROM {t} ORDER BY 1")
