@@ -220,7 +220,8 @@ class KeycloakProvider(RemoteProvider):
         else:
             log.warning("keycloak: list %s has more than %d members; the rest are left out",
                         address, MEMBERS_PAGE * MAX_MEMBER_PAGES)
-        rule = [v.strip() for v in _values(group, self.config.list_senders_attribute, lower=False) if v.strip()]
+        rule = [v.strip() for v in _values(group, self.config.list_senders_attribute, lower=False)
+                if v.strip()]
         if not rule or rule == ["members"]:
             return IdPList(address, tuple(members))
         if rule == ["nobody"]:

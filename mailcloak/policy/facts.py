@@ -2,9 +2,9 @@
 
 Only what the rows of §6 can use is asked of the IdP: recipient existence for a local recipient
 at RCPT that is no alias and whose domain has no catch-all, the login's user for
-XOAUTH2/OAUTHBEARER, and (with IdP lists) who may send as a local sender that is no alias. The IdP
-questions run concurrently and are bounded by the request's deadline; a question that fails or runs out of time
-becomes UNAVAILABLE, and the decision applies `idp_failure_mode`.
+XOAUTH2/OAUTHBEARER, and (with IdP lists) who may send as a local sender that is no alias. The
+IdP questions run concurrently and are bounded by the request's deadline; a question that fails
+or runs out of time becomes UNAVAILABLE, and the decision applies `idp_failure_mode`.
 """
 
 from __future__ import annotations
