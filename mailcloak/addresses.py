@@ -85,6 +85,18 @@ def check_address(address: str) -> str:
     return value
 
 
+def check_alias_address(address: str) -> str:
+    """An alias's address: a full address, or `@domain` for the domain's catch-all. Raises
+    InvalidInput."""
+    value = normalize(address)
+    if value.startswith("@"):
+        try:
+            return "@" + check_domain(value[1:])
+        except InvalidInput:
+            raise InvalidInput(f"invalid address: {address!r}") from None
+    return check_address(address)
+
+
 def is_safe_token(value: str) -> bool:
     """True when `value` can be put in a protocol reply as one word (no space, comma, control)."""
     return bool(value) and _LOCAL.fullmatch(value) is not None

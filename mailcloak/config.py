@@ -44,6 +44,11 @@ class KeycloakConfig:
     connect_timeout_seconds: float = 2
     request_timeout_seconds: float = 3
     alias_attribute: str = ""
+    # Groups as distribution lists (README "Distribution lists"): a group whose `list_attribute`
+    # holds an address receives for its enabled members; `list_senders_attribute` holds its
+    # sender rule (absent or "members", "nobody", or the usernames allowed). Empty: off.
+    list_attribute: str = ""
+    list_senders_attribute: str = "mailListSenders"
 
 
 @dataclass(frozen=True)
@@ -66,8 +71,19 @@ class StaticUser:
 
 
 @dataclass(frozen=True)
+class StaticList:
+    """A distribution list of the static provider (as a Keycloak group list, for demos/tests)."""
+
+    address: str
+    members: tuple[str, ...] = ()   # usernames of `users`
+    send_policy: Literal["members", "nobody", "listed"] = "members"
+    senders: tuple[str, ...] = ()   # usernames, for send_policy "listed"
+
+
+@dataclass(frozen=True)
 class StaticConfig:
     users: tuple[StaticUser, ...] = ()
+    lists: tuple[StaticList, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -397,6 +413,17 @@ def _validate(config: Config) -> None:
             if key in seen:
                 raise ConfigError(f"idp.static.users[{i}].username {user.username!r} is listed twice")
             seen.add(key)
+        for i, group in enumerate(idp.static.lists):
+            where = f"idp.static.lists[{i}]"
+            if group.address.count("@") != 1:
+                raise ConfigError(f"{where}.address must be an address (got {group.address!r})")
+            if not group.members:
+                raise ConfigError(f"{where}.members must name at least one user")
+            for name in (*group.members, *group.senders):
+                if name.lower() not in seen:
+                    raise ConfigError(f"{where}: {name!r} is not in idp.static.users")
+            if (group.send_policy == "listed") != bool(group.senders):
+                raise ConfigError(f"{where}.senders must be given with send_policy listed, and only then")
     for name in ("keycloak", "authentik"):
         sub = getattr(idp, name)
         if sub is not None and not re.match(r"https?://", sub.base_url):

@@ -27,7 +27,10 @@ The words, arguments and tab-separated list output are those of the Go project's
   are created or enabled; `del` and `disable` only normalise, so a bad row written by hand can
   still be removed. An alias target is an IdP username: case kept, no spaces, '@', commas or
   control characters (the socketmap answers `target@domain`). `aliases list --user` matches the
-  user case-insensitively, as the policy does. App ids: surrounding whitespace stripped, case
+  user case-insensitively, as the policy does. `aliases add A U` keeps the Go meaning (A → U
+  alone); more users make a distribution list and `@domain` is the domain's catch-all;
+  `aliases senders` sets a list's sender rule; `aliases list` prints a list as one line per
+  target (README "Distribution lists and catch-all"). App ids: surrounding whitespace stripped, case
   kept, matched case-insensitively; a new id may not contain whitespace or control characters,
   and `apps add` refuses one that differs from an existing id only in case, before it asks for
   a password.
@@ -62,7 +65,7 @@ from types import MappingProxyType
 from typing import Any, Callable, NoReturn
 
 from mailcloak import __version__
-from mailcloak.addresses import check_address, check_domain, is_safe_token, normalize
+from mailcloak.addresses import check_address, check_alias_address, check_domain, is_safe_token, normalize
 from mailcloak.app_fields import (
     ANY_NETWORK,
     NEVER,
@@ -84,7 +87,7 @@ from mailcloak.config import (
 from mailcloak.errors import InvalidInput, MailcloakError, NotFound
 from mailcloak.passwords import NO_SECRET, generate_token, hash_secret
 from mailcloak.store import Store, open_store
-from mailcloak.store.model import App, AppSettings, AppUsage, Rows
+from mailcloak.store.model import Alias, App, AppSettings, AppUsage, Rows
 from mailcloak.transfer import export_document, parse_document
 
 PROG = "mailcloakctl"
@@ -143,6 +146,16 @@ def _check_user(value: str) -> str:
             f"invalid user: {value!r} (an IdP username: no spaces, '@', commas or control characters)"
         )
     return user
+
+
+def _check_users(values: list[str]) -> tuple[str, ...]:
+    users = tuple(_check_user(value) for value in values)
+    seen: set[str] = set()
+    for user in users:
+        if user.lower() in seen:
+            raise InvalidInput(f"user listed twice: {user}")
+        seen.add(user.lower())
+    return users
 
 
 def _lookup_app(value: str) -> str:
@@ -231,23 +244,48 @@ async def _domains_disable(store: Store, args: argparse.Namespace) -> None:
 
 async def _aliases_list(store: Store, args: argparse.Namespace) -> None:
     rows = await store.load()
-    aliases = sorted(rows.aliases, key=lambda a: (a.target_user, a.address))
+    # One line per target: a list `team -> alice, bob` is two lines, so scripts reading the Go
+    # tool's `alias<TAB>user<TAB>state` lines keep working and `--user` finds every list a user is in.
+    lines = sorted(((target, a) for a in rows.aliases for target in a.targets),
+                   key=lambda line: (line[0], line[1].address))
     if args.user is not None:
         user = args.user.strip().lower()
-        aliases = [a for a in aliases if a.target_user.lower() == user]
+        lines = [(target, a) for target, a in lines if target.lower() == user]
     if args.json:
+        seen: dict[str, Alias] = {}
+        for _target, a in lines:
+            seen.setdefault(a.address, a)
         _json([
             {"alias": a.address, "user": a.target_user, "domain": a.domain, "enabled": a.enabled,
-             "updated_at": a.updated_at}
-            for a in aliases
+             "updated_at": a.updated_at, "targets": list(a.targets), "catch_all": a.address.startswith("@"),
+             "send_policy": a.send_policy, "senders": list(a.listed_senders)}
+            for a in seen.values()
         ])
         return
-    for a in aliases:
-        _out(f"{a.address}\t{a.target_user}\t{_state(a.enabled)}")
+    for target, a in lines:
+        _out(f"{a.address}\t{target}\t{_state(a.enabled)}")
 
 
 async def _aliases_add(store: Store, args: argparse.Namespace) -> None:
-    await store.add_alias(check_address(args.alias), _check_user(args.user))
+    alias = check_alias_address(args.alias)
+    users = _check_users(args.users)
+    if len(users) == 1:
+        await store.add_alias(alias, users[0])
+    else:
+        await store.set_alias_targets(alias, users)
+
+
+async def _aliases_add_member(store: Store, args: argparse.Namespace) -> None:
+    await store.add_alias_member(_lookup_address(args.alias), _check_user(args.user))
+
+
+async def _aliases_del_member(store: Store, args: argparse.Namespace) -> None:
+    await store.remove_alias_member(_lookup_address(args.alias), args.user.strip())
+
+
+async def _aliases_senders(store: Store, args: argparse.Namespace) -> None:
+    await store.set_alias_senders(_lookup_address(args.alias), args.policy.strip().lower(),
+                                  _check_users(args.users) if args.users else ())
 
 
 async def _aliases_del(store: Store, args: argparse.Namespace) -> None:
@@ -255,7 +293,7 @@ async def _aliases_del(store: Store, args: argparse.Namespace) -> None:
 
 
 async def _aliases_enable(store: Store, args: argparse.Namespace) -> None:
-    await store.set_alias_enabled(check_address(args.alias), True)
+    await store.set_alias_enabled(check_alias_address(args.alias), True)
 
 
 async def _aliases_disable(store: Store, args: argparse.Namespace) -> None:
@@ -513,8 +551,18 @@ def build_parser() -> argparse.ArgumentParser:
          ("--user", {"metavar": "USER", "help": "only this IdP user's aliases"}),
          ("--json", {"action": "store_true", "help": "print a JSON array"}))
     alias_arg = ("alias", {"metavar": "ALIAS"})
-    leaf(asub, "add", _aliases_add, "add an alias for an IdP user, or update and re-enable it",
+    leaf(asub, "add", _aliases_add,
+         "add an alias for an IdP user, or update and re-enable it; several users make a "
+         "distribution list; ALIAS @DOMAIN is the domain's catch-all",
+         alias_arg, ("users", {"metavar": "USER", "nargs": "+"}))
+    leaf(asub, "add-member", _aliases_add_member, "add a user to a distribution list",
          alias_arg, ("user", {"metavar": "USER"}))
+    leaf(asub, "del-member", _aliases_del_member, "remove a user from a distribution list",
+         alias_arg, ("user", {"metavar": "USER"}))
+    leaf(asub, "senders", _aliases_senders,
+         "who may send as the alias: members (its targets, the default), nobody, or listed USERs",
+         alias_arg, ("policy", {"metavar": "members|nobody|listed"}),
+         ("users", {"metavar": "USER", "nargs": "*"}))
     leaf(asub, "del", _aliases_del, "delete an alias", alias_arg)
     leaf(asub, "enable", _aliases_enable, "enable an alias", alias_arg)
     leaf(asub, "disable", _aliases_disable, "disable an alias", alias_arg)

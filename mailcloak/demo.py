@@ -15,10 +15,12 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 HOW_TO_TRY = """\
 mailcloak demo: users alice, bob (carol is disabled); domain demo.test; alias info@demo.test -> alice;
-app 'mailer' may send as info@demo.test.
+list team@demo.test -> alice, bob; app 'mailer' may send as info@demo.test.
 Try it from another shell in this folder:
   printf 'request=smtpd_access_policy\\nprotocol_state=RCPT\\nsender=x@outside.example\\nrecipient=nobody@demo.test\\n\\n' | python3 -c 'import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect("{policy}"); s.sendall(sys.stdin.buffer.read()); print(s.recv(4096).decode())'
   postmap -q info@demo.test socketmap:unix:{socketmap}:alias      (with Postfix installed)
+  postmap -q team@demo.test socketmap:unix:{socketmap}:alias
+  postmap -q team@demo.test socketmap:unix:{socketmap}:sender_login
 Stop with Ctrl-C.
 """
 
@@ -28,6 +30,7 @@ async def _prepare(config) -> None:
     try:
         await store.add_domain("demo.test")
         await store.add_alias("info@demo.test", "alice")
+        await store.set_alias_targets("team@demo.test", ("alice", "bob"))
         rows = await store.load()
         if not any(app.app_id == "mailer" for app in rows.apps):
             from mailcloak.passwords import hash_secret

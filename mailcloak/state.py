@@ -6,9 +6,9 @@ a new snapshot built off the hot path. If a refresh fails (locked past the wait,
 corrupt), the last good snapshot keeps answering, the failure is logged once, and the refresh is
 retried; answers only become TEMP/451 when no snapshot was ever loaded.
 
-Rows that could break a protocol reply (an alias target with a space, comma or control character,
-or an alias_domain_name other than the alias's domain, written into the database by hand) are left
-out of the snapshot with a warning.
+Rows that could break a protocol reply (an alias target or listed sender with a space, comma or
+control character, an unknown send_policy, or an alias_domain_name other than the alias's domain,
+written into the database by hand) are left out of the snapshot with a warning.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import contextlib
 import logging
 import time
 
-from mailcloak.addresses import check_address, domain_of, is_safe_token
+from mailcloak.addresses import check_alias_address, domain_of, is_safe_token
 from mailcloak.errors import InvalidInput, StoreError
 from mailcloak.store.base import Store
-from mailcloak.store.model import Rows, Snapshot
+from mailcloak.store.model import SEND_POLICIES, Rows, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +141,10 @@ def _safe_rows(rows: Rows) -> Rows:
     dropped = 0
     for alias in rows.aliases:
         try:
-            address = check_address(alias.address)
-            ok = is_safe_token(alias.target_user) and "@" not in alias.target_user
+            address = check_alias_address(alias.address)
+            ok = all(is_safe_token(user) and "@" not in user
+                     for user in (*alias.targets, *alias.listed_senders))
+            ok = ok and alias.send_policy in SEND_POLICIES
             # The answer is target_user@alias_domain_name: that column must be the address's
             # domain (a trigger says so, but a database edited by hand may lack it).
             ok = ok and alias.domain.lower() == domain_of(address)

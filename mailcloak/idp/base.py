@@ -21,6 +21,25 @@ class IdPUser:
         return address == self.email or address in self.addresses
 
 
+@dataclass(frozen=True, slots=True)
+class IdPList:
+    """A distribution list kept in the IdP (a Keycloak group carrying a list address)."""
+
+    address: str                       # lower-case
+    members: tuple[IdPUser, ...]       # enabled members that have a primary email
+    send_policy: str = "members"       # members | nobody | listed (as aliases.send_policy)
+    listed_senders: tuple[str, ...] = ()  # usernames, for "listed"
+
+    @property
+    def sender_users(self) -> tuple[str, ...]:
+        """The IdP usernames that may send as the list address."""
+        if self.send_policy == "members":
+            return tuple(member.username for member in self.members)
+        if self.send_policy == "listed":
+            return self.listed_senders
+        return ()
+
+
 class IdentityProvider(ABC):
     """One provider per process; `close()` releases its HTTP session, if any."""
 
@@ -40,6 +59,13 @@ class IdentityProvider(ABC):
         if user is None and "@" in login:
             user = await self.user_by_address(login.lower())
         return user
+
+    lists_enabled: bool = False
+    """Whether `list_by_address` can find anything (when not, callers skip asking)."""
+
+    async def list_by_address(self, address: str) -> IdPList | None:
+        """The distribution list whose address is `address`. Providers without lists have none."""
+        return None
 
     async def introspect_token(self, token: str) -> IdPUser | None:
         """The enabled user an access token was issued to, if the IdP says it is active.

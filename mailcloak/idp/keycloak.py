@@ -23,8 +23,20 @@ Requests (Keycloak 17+ paths; older ones need `/auth` in `base_url`):
   `preferred_username`. Answers are cached under a SHA-256 of the token (never the token),
   at most 60 s and never past the token's `exp`.
 
-The service account needs the `realm-management` client roles `view-users` and `query-users`.
-Lookups are cached by `LookupCache` (see there: TTLs, coalescing, stale-if-error).
+- lists (optional, `list_attribute`, e.g. `mailList`): a group carrying the address in that
+  attribute is a distribution list. `GET {base_url}/admin/realms/{realm}/groups?q=<attribute>:
+  <address>&exact=true&briefRepresentation=false&populateHierarchy=false`; the answer is walked
+  with its `subGroups` (servers that ignore populateHierarchy nest a match under its parents) and
+  only groups whose attribute holds the address (case-insensitively) count; of several, the one
+  with the lowest id. Its members: `GET .../groups/{id}/members?first=N&max=100&briefRepresentation=true`,
+  page after page (at most MAX_MEMBER_PAGES); enabled members with an email only, direct members
+  only (Keycloak does not list members of subgroups there). Its sender rule is the group attribute
+  `list_senders_attribute`: absent, empty or `members`; `nobody`; or the usernames allowed.
+  Keycloak matches group attributes as stored: keep list addresses lower-case there.
+
+The service account needs the `realm-management` client roles `view-users` and `query-users`
+(and `query-groups` for lists). Lookups are cached by `LookupCache` (see there: TTLs,
+coalescing, stale-if-error); lists share the user cache, its TTLs and its bound.
 """
 
 from __future__ import annotations
@@ -38,7 +50,7 @@ from typing import Any, Callable
 from urllib.parse import quote
 
 from mailcloak.config import KeycloakConfig
-from mailcloak.idp.base import IdPUser
+from mailcloak.idp.base import IdPList, IdPUser
 from mailcloak.idp.cache import LookupCache
 from mailcloak.idp.http import IdPRequestError, error_field
 from mailcloak.idp.remote import RemoteProvider
@@ -50,6 +62,9 @@ EXPIRE_FRACTION = 0.95   # from here on lookups wait for a new token
 DEFAULT_TOKEN_LIFETIME = 60.0
 INTROSPECTION_MAX_TTL = 60.0
 PROBE_USERNAME = "mailcloak-probe"
+MEMBERS_PAGE = 100
+MAX_MEMBER_PAGES = 100  # a list of more than 10 000 members is cut there (and a socketmap
+                        # answer that long is over Postfix's 100 000 bytes anyway)
 
 BAD_CREDENTIALS = "bad credentials"
 FORBIDDEN = "forbidden: the service account lacks view-users/query-users"
@@ -73,6 +88,8 @@ class KeycloakProvider(RemoteProvider):
         self._token_url = f"{base}/realms/{realm}/protocol/openid-connect/token"
         self._introspect_url = f"{self._token_url}/introspect"
         self._users_url = f"{base}/admin/realms/{realm}/users"
+        self._groups_url = f"{base}/admin/realms/{realm}/groups"
+        self.lists_enabled = bool(config.list_attribute)
         self._clock = clock
         self._wallclock = wallclock
         self._token: str | None = None
@@ -106,6 +123,12 @@ class KeycloakProvider(RemoteProvider):
             return None
         key = username.lower()
         return await self.cache.get(("username", key), lambda: self._fetch_by_username(key))
+
+    async def list_by_address(self, address: str) -> IdPList | None:
+        address = address.strip().lower()
+        if not self.lists_enabled or not address:
+            return None
+        return await self.cache.get(("list", address), lambda: self._fetch_list(address))
 
     async def introspect_token(self, token: str) -> IdPUser | None:
         if not token:
@@ -171,12 +194,49 @@ class KeycloakProvider(RemoteProvider):
             return frozenset()
         return frozenset(v.strip().lower() for v in values if isinstance(v, str) and v.strip())
 
+    async def _fetch_list(self, address: str) -> IdPList | None:
+        attribute = self.config.list_attribute
+        found = await self._admin_get("groups", self._groups_url, {
+            "q": f"{attribute}:{address}", "exact": "true", "briefRepresentation": "false",
+            "populateHierarchy": "false"})
+        groups = sorted((g for g in _walk(found) if address in _values(g, attribute)),
+                        key=lambda g: str(g.get("id")))
+        if not groups or not isinstance(groups[0].get("id"), str):
+            return None
+        group = groups[0]
+        members_url = f"{self._groups_url}/{quote(group['id'], safe='')}/members"
+        members: list[IdPUser] = []
+        for page in range(MAX_MEMBER_PAGES):
+            batch = await self._admin_get("members", members_url, {
+                "first": str(page * MEMBERS_PAGE), "max": str(MEMBERS_PAGE),
+                "briefRepresentation": "true"})
+            members.extend(
+                IdPUser(u["username"], _lower(u.get("email")))
+                for u in batch
+                if isinstance(u, dict) and u.get("enabled") is True and isinstance(u.get("username"), str)
+                and u["username"] and _lower(u.get("email")))
+            if len(batch) < MEMBERS_PAGE:
+                break
+        else:
+            log.warning("keycloak: list %s has more than %d members; the rest are left out",
+                        address, MEMBERS_PAGE * MAX_MEMBER_PAGES)
+        rule = [v.strip() for v in _values(group, self.config.list_senders_attribute, lower=False)
+                if v.strip()]
+        if not rule or rule == ["members"]:
+            return IdPList(address, tuple(members))
+        if rule == ["nobody"]:
+            return IdPList(address, tuple(members), "nobody")
+        return IdPList(address, tuple(members), "listed", tuple(rule))
+
     async def _users(self, params: dict[str, str]) -> list[Any]:
-        """GET the users endpoint with a valid token; one retry with a new token after a 401."""
+        return await self._admin_get("users", self._users_url, params)
+
+    async def _admin_get(self, endpoint: str, url: str, params: dict[str, str]) -> list[Any]:
+        """GET an admin API list with a valid token; one retry with a new token after a 401."""
         for attempt in (1, 2):
             token = await self._access_token()
             status, body = await self._http.request(
-                "users", "GET", self._users_url, params=params,
+                endpoint, "GET", url, params=params,
                 headers={"Authorization": f"Bearer {token}", "Accept": "application/json"})
             if status == 401 and attempt == 1:
                 log.debug("keycloak: the admin API refused the token (401); fetching a new one")
@@ -190,10 +250,10 @@ class KeycloakProvider(RemoteProvider):
         if status == 403:
             raise self._http.error(
                 FORBIDDEN, f"give the service account of client {self.config.client_id!r} the "
-                "realm-management roles view-users and query-users")
+                "realm-management roles view-users and query-users (and query-groups for lists)")
         if status == 404:
             raise self._not_found(body)
-        raise self._http.error(f"http {status}", "users API")
+        raise self._http.error(f"http {status}", f"{endpoint} API")
 
     async def _introspect(self, token: str) -> _Introspected | None:
         status, body = await self._http.request(
@@ -296,6 +356,27 @@ class KeycloakProvider(RemoteProvider):
 
 def _lower(value: Any) -> str:
     return value.strip().lower() if isinstance(value, str) else ""
+
+
+def _walk(groups: Any):
+    """Every group of a groups answer, subgroups included."""
+    if not isinstance(groups, list):
+        return
+    for group in groups:
+        if isinstance(group, dict):
+            yield group
+            yield from _walk(group.get("subGroups"))
+
+
+def _values(group: dict, attribute: str, lower: bool = True) -> list[str]:
+    """The values of a group's attribute (a list of strings in Keycloak's representation)."""
+    attributes = group.get("attributes")
+    values = attributes.get(attribute) if isinstance(attributes, dict) else None
+    if isinstance(values, str):
+        values = [values]
+    if not isinstance(values, list):
+        return []
+    return [v.strip().lower() if lower else v for v in values if isinstance(v, str)]
 
 
 def _retrieve(task: asyncio.Future) -> None:

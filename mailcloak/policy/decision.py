@@ -44,13 +44,15 @@ class Facts:
     extension-stripped base forms (`user@domain` for `user+tag@domain`)."""
 
     recipient_local: bool = False
-    # Recipient exists: an enabled alias or an enabled IdP user's address. None when not asked.
+    # Recipient exists: an enabled IdP user's address, an enabled alias or list (static or IdP),
+    # or any address of a domain with an enabled catch-all. None when not asked.
     recipient_exists: bool | Unavailable | None = None
     sender_local: bool = False
     # The IdP user behind a XOAUTH2/OAUTHBEARER login.
     login_user: IdPUser | Unavailable | None = None
-    # target_user of the enabled alias that the sender is, if any.
-    sender_alias_target: str | None = None
+    # The IdP usernames that the enabled alias or list the sender is lets send as it (its send
+    # policy: members, nobody, listed). A catch-all gives no one this right.
+    sender_alias_senders: tuple[str, ...] | Unavailable = ()
     # The app behind a PLAIN/LOGIN login, if any (enabled or not).
     app: App | None = None
     sender_base: str = ""
@@ -107,12 +109,15 @@ def _sender_rules(request: PolicyRequest, facts: Facts, failure_action: str) -> 
         user = facts.login_user
         if user is UNAVAILABLE:
             return Decision(failure_action, "idp unavailable (login)")
+        senders = facts.sender_alias_senders
         if user is not None and sender and (
             user.owns(sender)
-            or (facts.sender_alias_target is not None
-                and facts.sender_alias_target.lower() == user.username.lower())
+            or (senders is not UNAVAILABLE
+                and any(name.lower() == user.username.lower() for name in senders))
         ):
             return Decision(DUNNO, "6 user owns sender")
+        if senders is UNAVAILABLE:
+            return Decision(failure_action, "idp unavailable (sender list)")
         return Decision(NOT_OWNED, "8 sender not owned by user")
     if method in APP_METHODS:
         app = facts.app

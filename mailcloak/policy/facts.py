@@ -1,9 +1,10 @@
 """Looks up the facts a policy request needs: from the in-memory snapshot (free) and the IdP.
 
 Only what the rows of §6 can use is asked of the IdP: recipient existence for a local recipient
-at RCPT that is no alias, and the login's user for XOAUTH2/OAUTHBEARER. Both IdP questions run
-concurrently and are bounded by the request's deadline; a question that fails or runs out of time
-becomes UNAVAILABLE, and the decision applies `idp_failure_mode`.
+at RCPT that is no alias and whose domain has no catch-all, the login's user for
+XOAUTH2/OAUTHBEARER, and (with IdP lists) who may send as a local sender that is no alias. The
+IdP questions run concurrently and are bounded by the request's deadline; a question that fails
+or runs out of time becomes UNAVAILABLE, and the decision applies `idp_failure_mode`.
 """
 
 from __future__ import annotations
@@ -38,52 +39,73 @@ async def gather_facts(request: PolicyRequest, snapshot: Snapshot, idp: Identity
     recipient_exists = None
     if recipient_local:
         recipient_base = _base(recipient, delimiters)
-        if snapshot.active_alias(recipient) or snapshot.active_alias(recipient_base):
+        if (snapshot.active_alias(recipient) or snapshot.active_alias(recipient_base)
+                or snapshot.catch_all(domain_of(recipient))):
             recipient_exists = True
         else:
-            exists_query = idp.user_by_address(recipient_base)
+            exists_query = _exists(idp, recipient_base)
 
     method = request.sasl_method
     login_query = None
+    list_query = None
     app = None
-    alias_target = None
+    alias_senders: tuple[str, ...] = ()
     if request.authenticated:
         if method in USER_METHODS and request.sasl_username:
             login_query = idp.user_by_login(request.sasl_username)
             alias = snapshot.active_alias(sender) or snapshot.active_alias(sender_base)
-            alias_target = alias.target_user if alias else None
+            if alias is not None:
+                alias_senders = alias.sender_users
+            elif idp.lists_enabled and sender_local:
+                list_query = _list_senders(idp, sender_base)
         elif method in APP_METHODS:
             app = snapshot.app(request.sasl_username)
 
-    login_user = None
+    found, login_user, listed = await _answers((exists_query, login_query, list_query), deadline)
     if exists_query is not None:
-        found = _at_once(exists_query)
-        if type(found) is Resume:
-            if login_query is not None:  # both questions wait concurrently, as with gather()
-                login_task = asyncio.ensure_future(_ask(login_query, deadline))
-                try:
-                    found = await _ask(found, deadline)
-                except BaseException:
-                    login_task.cancel()
-                    raise
-                login_user = await login_task
-            else:
-                found = await _ask(found, deadline)
-        elif login_query is not None:
-            login_user = await _ask(_at_once(login_query), deadline)
-        recipient_exists = found if found is UNAVAILABLE else found is not None
-    elif login_query is not None:
-        login_user = await _ask(_at_once(login_query), deadline)
+        recipient_exists = found
+    if list_query is not None:
+        alias_senders = listed
 
     return Facts(
         recipient_local=recipient_local,
         recipient_exists=recipient_exists,
         sender_local=sender_local,
         login_user=login_user,
-        sender_alias_target=alias_target,
+        sender_alias_senders=alias_senders,
         app=app,
         sender_base=sender_base,
     )
+
+
+async def _exists(idp: IdentityProvider, address: str) -> bool:
+    """Is `address` an enabled IdP user's, or an IdP list's with members?"""
+    if await idp.user_by_address(address) is not None:
+        return True
+    if idp.lists_enabled:
+        group = await idp.list_by_address(address)
+        return group is not None and bool(group.members)
+    return False
+
+
+async def _list_senders(idp: IdentityProvider, address: str) -> tuple[str, ...]:
+    group = await idp.list_by_address(address)
+    return group.sender_users if group is not None else ()
+
+
+async def _answers(queries, deadline: float) -> list:
+    """The answers of IdP questions (None: not asked → None), concurrently, each UNAVAILABLE
+    when it fails or is not answered by `deadline`. A question answered from memory costs no
+    task and no timer (see `_at_once`)."""
+    answers = [_at_once(q) if q is not None else None for q in queries]
+    waiting = [i for i, answer in enumerate(answers) if type(answer) is Resume]
+    if len(waiting) == 1:
+        answers[waiting[0]] = await _ask(answers[waiting[0]], deadline)
+    elif waiting:
+        settled = await asyncio.gather(*(_ask(answers[i], deadline) for i in waiting))
+        for i, answer in zip(waiting, settled):
+            answers[i] = answer
+    return answers
 
 
 def _base(address: str, delimiters: str) -> str:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
+from typing import Awaitable
 
 from mailcloak.errors import ProtocolError
 from mailcloak.metrics import Metrics
 from mailcloak.runtime import RuntimeRef
-from mailcloak.socketmap.maps import MAPS, MAX_KEY, MAX_REPLY, Reply
+from mailcloak.socketmap.maps import MAX_KEY, MAX_REPLY, Reply, lookup
 from mailcloak.socketmap.netstring import NetstringDecoder, encode
 from mailcloak.unixserver import Connection, ReadDeadline
 
@@ -28,6 +29,17 @@ def _dead() -> None:
     return None
 
 
+def _framed(request: bytes, reply: Reply) -> tuple[bytes, tuple[str, str]]:
+    """The netstring of `reply`, and its (map, status) label for the answer counter (it travels
+    with a memoized answer, so that a memo hit is counted too)."""
+    payload = reply.encode()
+    if len(payload) > MAX_REPLY:
+        payload = b"TEMP reply too large"
+    label = (request.partition(b" ")[0].decode("ascii", "replace")[:32],
+             payload.split(b" ", 1)[0].decode("ascii"))
+    return encode(payload), label
+
+
 class SocketmapService:
     def __init__(self, ref: RuntimeRef, metrics: Metrics):
         self._ref = ref
@@ -38,9 +50,10 @@ class SocketmapService:
         # What the memo was made for, weakly: an old snapshot must not be kept alive by it.
         self._memo_snapshot = self._memo_runtime = _dead
 
-    def framed_answer(self, request: bytes) -> bytes:
-        """The netstring that answers `request`. An answer is a function of the request, the
-        snapshot and the config alone, so it is kept (see MEMO_SIZE) while both stay in force."""
+    def framed_answer(self, request: bytes) -> bytes | Awaitable[bytes]:
+        """The netstring that answers `request`. An answer made without the IdP is a function of
+        the request, the snapshot and the config alone, so it is kept (see MEMO_SIZE) while both
+        stay in force; one that needs the IdP comes as an awaitable, and is not kept."""
         runtime = self._ref.current
         snapshot = runtime.state.snapshot
         if self._memo_snapshot() is not snapshot or self._memo_runtime() is not runtime:
@@ -50,13 +63,9 @@ class SocketmapService:
         memo = self._memo.get(request)
         if memo is None:
             reply = self.answer(request)
-            payload = reply.encode()
-            if len(payload) > MAX_REPLY:
-                payload = b"TEMP reply too large"
-            # The (map, status) label travels with the answer, so a memo hit is counted too.
-            label = (request.partition(b" ")[0].decode("ascii", "replace")[:32],
-                     payload.split(b" ", 1)[0].decode("ascii"))
-            memo = (encode(payload), label)
+            if type(reply) is not Reply:
+                return self._framed_later(request, reply)
+            memo = _framed(request, reply)
             if snapshot is not None and len(request) <= MEMO_KEY_MAX:
                 if len(self._memo) >= MEMO_SIZE:
                     self._memo.clear()
@@ -64,10 +73,14 @@ class SocketmapService:
         self._answers[memo[1]] += 1
         return memo[0]
 
-    def answer(self, request: bytes) -> Reply:
+    async def _framed_later(self, request: bytes, reply: Awaitable[Reply]) -> bytes:
+        framed, label = _framed(request, await reply)
+        self._answers[label] += 1
+        return framed
+
+    def answer(self, request: bytes) -> Reply | Awaitable[Reply]:
         name, sep, key_bytes = request.partition(b" ")
-        lookup = MAPS.get(name.decode("ascii", "replace"))
-        if not sep or lookup is None:
+        if not sep:
             return Reply("PERM", "unknown map or malformed request")
         runtime = self._ref.current
         snapshot = runtime.state.snapshot
@@ -77,7 +90,9 @@ class SocketmapService:
             key = key_bytes.decode("utf-8")
         except UnicodeDecodeError:
             return Reply("NOTFOUND")
-        return lookup(key, snapshot, runtime.config.policy.recipient_delimiter)
+        policy = runtime.config.policy
+        return lookup(name.decode("ascii", "replace"), key, snapshot, runtime.idp,
+                      policy.recipient_delimiter, policy.request_deadline_seconds)
 
     @staticmethod
     def _expire(conn: Connection) -> None:
@@ -113,10 +128,11 @@ class SocketmapService:
                 conn.busy = True
                 answered_from = loop.time()
                 try:
-                    if len(requests) == 1:
-                        conn.writer.write(self.framed_answer(requests[0]))
-                    else:
-                        conn.writer.write(b"".join(map(self.framed_answer, requests)))
+                    framed = list(map(self.framed_answer, requests))
+                    for i, answer in enumerate(framed):
+                        if type(answer) is not bytes:  # asks the IdP: answers keep their order
+                            framed[i] = await answer
+                    conn.writer.write(framed[0] if len(framed) == 1 else b"".join(framed))
                     self._latency.observe((loop.time() - answered_from) / len(requests))
                     await conn.drain(sockets.request_timeout_seconds)
                 finally:

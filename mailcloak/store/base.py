@@ -54,7 +54,30 @@ class Store(ABC):
 
     @abstractmethod
     async def add_alias(self, alias: str, target_user: str) -> None:
-        """Upsert that re-enables. The alias's domain must exist and be enabled."""
+        """Upsert that re-enables: afterwards the alias means `alias → target_user` alone (a list's
+        further targets are removed; its sender rule stays). The domain must exist and be enabled.
+        `alias` may be `@domain`, the domain's catch-all."""
+
+    @abstractmethod
+    async def set_alias_targets(self, alias: str, targets: tuple[str, ...]) -> None:
+        """Like add_alias, with every target of a distribution list, in order (distinct IdP
+        usernames). More than one target on a version 1 (Go) database: InvalidInput saying to run
+        `mailcloakctl init`."""
+
+    @abstractmethod
+    async def add_alias_member(self, alias: str, user: str) -> None:
+        """Append `user` to the alias's targets (nothing when it is one already, in any case).
+        The alias must exist; its enabled state is kept; a version 1 database: InvalidInput."""
+
+    @abstractmethod
+    async def remove_alias_member(self, alias: str, user: str) -> None:
+        """Remove `user` from the alias's targets (the next one becomes aliases.target_user).
+        NotFound when it is no target; InvalidInput for the last one (delete the alias)."""
+
+    @abstractmethod
+    async def set_alias_senders(self, alias: str, policy: str, users: tuple[str, ...]) -> None:
+        """Who may send as the alias: `members` (its targets), `nobody`, or `listed` (exactly
+        `users`, given only then). The alias must exist; a version 1 database: InvalidInput."""
 
     @abstractmethod
     async def set_alias_enabled(self, alias: str, enabled: bool) -> None: ...

@@ -7,6 +7,7 @@ when the store reports a change, and swapped in whole.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
 from typing import Mapping
 
@@ -16,6 +17,10 @@ class Domain:
     name: str
     enabled: bool
     updated_at: int
+
+
+# Who may send as an alias (aliases.send_policy): its targets, nobody, or its alias_senders rows.
+SEND_POLICIES = ("members", "nobody", "listed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +44,20 @@ class Alias:
     def targets(self) -> tuple[str, ...]:
         """Every target username, the first one (aliases.target_user) first."""
         return (self.target_user, *self.extra_targets)
+
+    @property
+    def target_addresses(self) -> tuple[str, ...]:
+        """What the socketmap rewrites the alias to: each target `@<domain of the alias>`."""
+        return tuple(f"{target}@{self.domain}" for target in self.targets)
+
+    @property
+    def sender_users(self) -> tuple[str, ...]:
+        """The IdP usernames that may send as this alias, by its send_policy."""
+        if self.send_policy == "members":
+            return self.targets
+        if self.send_policy == "listed":
+            return self.listed_senders
+        return ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +170,32 @@ class Snapshot:
         if alias is None or not alias.enabled or not self.is_local(alias.domain.lower()):
             return None
         return alias
+
+    def catch_all(self, domain: str) -> Alias | None:
+        """The enabled catch-all (`@domain` alias) of a lower-case local domain."""
+        return self.active_alias("@" + domain)
+
+    def is_alias_target(self, address: str) -> bool:
+        """Does an enabled alias or list rewrite to this lower-case address? Postfix looks every
+        answer up again, and such an address must never fall into its domain's catch-all (a loop,
+        or mail for a mistyped target silently landing elsewhere)."""
+        local, _, domain = address.rpartition("@")
+        return local in self._alias_targets_in(domain)
+
+    def _alias_targets_in(self, domain: str) -> frozenset[str]:
+        """Lower-case target local parts of the enabled aliases of `domain`, built on first use
+        per domain and snapshot (only catch-all domains ask), one pass over the aliases."""
+        memo = self._targets_memo
+        found = memo.get(domain)
+        if found is None:
+            found = memo[domain] = frozenset(
+                target.lower() for alias in self.aliases.values()
+                if alias.enabled and alias.domain.lower() == domain for target in alias.targets)
+        return found
+
+    @cached_property
+    def _targets_memo(self) -> dict[str, frozenset[str]]:
+        return {}
 
     def app(self, login: str) -> App | None:
         """The app whose id matches a login name case-insensitively (Dovecot lower-cases it)."""

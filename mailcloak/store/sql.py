@@ -18,7 +18,7 @@ from typing import AsyncIterator, Protocol
 from mailcloak.errors import InvalidInput, NotFound, SchemaOutdated
 from mailcloak.passwords import NO_SECRET
 from mailcloak.store.base import Store
-from mailcloak.store.model import Alias, App, AppSender, AppSettings, AppUsage, Domain, Rows
+from mailcloak.store.model import SEND_POLICIES, Alias, App, AppSender, AppSettings, AppUsage, Domain, Rows
 
 
 class Transaction(Protocol):
@@ -134,9 +134,17 @@ class SQLStore(Store):
             raise NotFound(f"domain not found: {domain}")
 
     async def add_alias(self, alias: str, target_user: str) -> None:
+        await self.set_alias_targets(alias, (target_user,))
+
+    async def set_alias_targets(self, alias: str, targets: tuple[str, ...]) -> None:
+        if not targets:
+            raise InvalidInput(f"alias {alias} needs at least one target")
         domain = alias.rpartition("@")[2]
-        # The domain check and the upsert share one transaction, so nothing is half-written.
+        # The domain check, the upsert and the list share one transaction: nothing is half-written.
         async with self._transaction(write=True) as tx:
+            v2 = await self._schema_version(tx) >= 2
+            if len(targets) > 1:
+                await self._require_v2(tx, "lists (aliases with several targets)")
             row = await tx.fetchone("SELECT enabled FROM domains WHERE domain_name = ?", (domain,))
             if row is None:
                 raise NotFound(f"domain not found: {domain}")
@@ -146,8 +154,73 @@ class SQLStore(Store):
                 "INSERT INTO aliases(alias_email, target_user, alias_domain_name, enabled, updated_at) "
                 "VALUES (?, ?, ?, 1, ?) ON CONFLICT(alias_email) DO UPDATE SET "
                 "target_user = excluded.target_user, enabled = 1, updated_at = excluded.updated_at",
-                (alias, target_user, domain, _now()),
+                (alias, targets[0], domain, _now()),
             )
+            if v2:
+                await self._write_extra_targets(tx, alias, targets[1:])
+
+    @staticmethod
+    async def _write_extra_targets(tx: Transaction, alias: str, extra: tuple[str, ...]) -> None:
+        await tx.execute("DELETE FROM alias_targets WHERE alias_email = ?", (alias,))
+        for position, target in enumerate(extra, 1):
+            await tx.execute(
+                "INSERT INTO alias_targets(alias_email, target_user, position) VALUES (?, ?, ?)",
+                (alias, target, position),
+            )
+
+    async def _change_members(self, alias: str, change) -> None:
+        """Read an alias's targets, apply `change` (targets → new targets), write them back, in
+        one transaction; its enabled state is kept."""
+        async with self._transaction(write=True) as tx:
+            await self._require_v2(tx, "lists (aliases with several targets)")
+            row = await tx.fetchone("SELECT target_user FROM aliases WHERE alias_email = ?", (alias,))
+            if row is None:
+                raise NotFound(f"alias not found: {alias}")
+            targets = (row[0], *[target async for (target,) in tx.rows(
+                "SELECT target_user FROM alias_targets WHERE alias_email = ? "
+                "ORDER BY position, target_user", (alias,))])
+            new = change(targets)
+            if new == targets:
+                return
+            await tx.execute("UPDATE aliases SET target_user = ?, updated_at = ? WHERE alias_email = ?",
+                             (new[0], _now(), alias))
+            await self._write_extra_targets(tx, alias, new[1:])
+
+    async def add_alias_member(self, alias: str, user: str) -> None:
+        def change(targets: tuple[str, ...]) -> tuple[str, ...]:
+            if any(t.lower() == user.lower() for t in targets):
+                return targets
+            return (*targets, user)
+        await self._change_members(alias, change)
+
+    async def remove_alias_member(self, alias: str, user: str) -> None:
+        def change(targets: tuple[str, ...]) -> tuple[str, ...]:
+            kept = tuple(t for t in targets if t.lower() != user.lower())
+            if len(kept) == len(targets):
+                raise NotFound(f"{user} is not a target of {alias}")
+            if not kept:
+                raise InvalidInput(f"{user} is the only target of {alias}: delete the alias instead")
+            return kept
+        await self._change_members(alias, change)
+
+    async def set_alias_senders(self, alias: str, policy: str, users: tuple[str, ...]) -> None:
+        if policy not in SEND_POLICIES:
+            raise InvalidInput(f"invalid sender rule {policy!r} (choose members, nobody or listed)")
+        if (policy == "listed") != bool(users):
+            raise InvalidInput("give users with 'listed', and only with 'listed'")
+        async with self._transaction(write=True) as tx:
+            await self._require_v2(tx, "sender rules of aliases")
+            count = await tx.execute(
+                "UPDATE aliases SET send_policy = ?, updated_at = ? WHERE alias_email = ?",
+                (policy, _now(), alias),
+            )
+            if not count:
+                raise NotFound(f"alias not found: {alias}")
+            await tx.execute("DELETE FROM alias_senders WHERE alias_email = ?", (alias,))
+            for user in users:
+                await tx.execute(
+                    "INSERT INTO alias_senders(alias_email, sender_user) VALUES (?, ?)", (alias, user)
+                )
 
     async def set_alias_enabled(self, alias: str, enabled: bool) -> None:
         count = await self._write(

@@ -14,12 +14,20 @@ Answers as Keycloak 24-26 does (see /work/shared/notes/protocols.md §5):
   matches attribute values (case-insensitive, exact unless `exact=false`); `enabled`,
   `search`, `first`, `max`, `briefRepresentation` (drops `attributes`). Usernames and emails are
   stored lower-cased, as Keycloak does.
+- `GET /admin/realms/{realm}/groups`: same token rules; `q=k:v` (attribute values, exact and
+  case-sensitive as stored — the JPA query is an equality), `search` (name, substring unless
+  `exact=true`), `first`, `max`, `briefRepresentation` (**default true**: no `attributes`),
+  `populateHierarchy` (default true: a match deep in the tree comes nested in `subGroups` under
+  its top-level ancestor, as Keycloak 23+ answers searches).
+- `GET /admin/realms/{realm}/groups/{id}/members`: direct members only, by username;
+  `first` (default 0), `max` (default 100), `briefRepresentation`; unknown id → 404
+  `{"error":"Could not find group by id"}`.
 - `POST /realms/{realm}/protocol/openid-connect/token/introspect` (client auth): `{"active":
   false}` for unknown, revoked or expired tokens and disabled users; otherwise the claims with
   `active`, `username`, `preferred_username`, `sub`, `exp`, `iat`, `client_id`, `token_type`,
   `scope`.
 
-Counts per endpoint: "token", "users", "introspect".
+Counts per endpoint: "token", "users", "groups", "members", "introspect".
 """
 
 from __future__ import annotations
@@ -83,6 +91,30 @@ class User:
         return rep
 
 
+@dataclass
+class Group:
+    name: str
+    attributes: dict[str, list[str]] = field(default_factory=dict)
+    members: list[str] = field(default_factory=list)   # usernames
+    subgroups: list["Group"] = field(default_factory=list)
+    parent: "Group | None" = None
+    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    @property
+    def path(self) -> str:
+        return (self.parent.path if self.parent else "") + "/" + self.name
+
+    def representation(self, brief: bool, children: list[dict]) -> dict:
+        rep = {"id": self.id, "name": self.name, "path": self.path,
+               "subGroupCount": len(self.subgroups), "subGroups": children}
+        if self.parent is not None:
+            rep["parentId"] = self.parent.id
+        if not brief:
+            rep["attributes"] = {k: list(v) for k, v in self.attributes.items()}
+            rep["realmRoles"], rep["clientRoles"], rep["access"] = [], {}, {"view": True}
+        return rep
+
+
 class KeycloakStandIn(StandInServer):
     def __init__(self, realm: str = "mail", clock=time.monotonic, wallclock=time.time):
         super().__init__(clock)
@@ -92,6 +124,7 @@ class KeycloakStandIn(StandInServer):
         self.clients: dict[str, Client] = {}
         self.users: list[User] = []
         self.tokens: dict[str, Token] = {}
+        self.groups: list[Group] = []  # top-level groups
         self.ignore_exact = False  # answer `exact=true` like a substring search (an odd server)
 
     # -- setup -------------------------------------------------------------------------------
@@ -108,6 +141,17 @@ class KeycloakStandIn(StandInServer):
                     names.get("last_name", ""), dict(attributes or {}))
         self.users.append(user)
         return user
+
+    def add_group(self, name: str, attributes: dict[str, list[str]] | None = None,
+                  members: list[str] = (), parent: Group | None = None) -> Group:
+        group = Group(name, dict(attributes or {}), [m.lower() for m in members], parent=parent)
+        (parent.subgroups if parent else self.groups).append(group)
+        return group
+
+    def _all_groups(self, groups: list[Group] | None = None):
+        for group in self.groups if groups is None else groups:
+            yield group
+            yield from self._all_groups(group.subgroups)
 
     def user(self, username: str) -> User:
         return next(u for u in self.users if u.username == username.lower())
@@ -140,6 +184,8 @@ class KeycloakStandIn(StandInServer):
         app.router.add_post("/realms/{realm}/protocol/openid-connect/token", self.token)
         app.router.add_post("/realms/{realm}/protocol/openid-connect/token/introspect", self.introspect)
         app.router.add_get("/admin/realms/{realm}/users", self.users_endpoint)
+        app.router.add_get("/admin/realms/{realm}/groups", self.groups_endpoint)
+        app.router.add_get("/admin/realms/{realm}/groups/{id}/members", self.members_endpoint)
 
     async def _client_auth(self, request: web.Request) -> tuple[Client | None, dict]:
         form = dict(await request.post())
@@ -205,9 +251,8 @@ class KeycloakStandIn(StandInServer):
             claims.update(email=user.email, email_verified=user.email_verified)
         return web.json_response(claims)
 
-    async def users_endpoint(self, request: web.Request) -> web.StreamResponse:
-        if (fault := await self.faulted("users", request)) is not None:
-            return fault
+    def _admin_refusal(self, request: web.Request) -> web.StreamResponse | None:
+        """The admin API's answer to a request without a valid service-account token, if any."""
         header = request.headers.get("Authorization", "")
         info = self._valid(header[7:]) if header.startswith("Bearer ") else None
         if info is None:
@@ -217,6 +262,63 @@ class KeycloakStandIn(StandInServer):
         client = self.clients.get(info.client_id)
         if info.user_id or client is None or not client.roles:
             return web.json_response({"error": "HTTP 403 Forbidden"}, status=403)
+        return None
+
+    async def groups_endpoint(self, request: web.Request) -> web.StreamResponse:
+        if (fault := await self.faulted("groups", request)) is not None:
+            return fault
+        if (refusal := self._admin_refusal(request)) is not None:
+            return refusal
+        query = request.query
+        brief = query.get("briefRepresentation", "true").lower() != "false"
+        hierarchy = query.get("populateHierarchy", "true").lower() != "false"
+        if "q" in query or "search" in query:
+            found = list(self._all_groups())
+            for pair in query.get("q", "").split():
+                key, _, value = pair.partition(":")
+                found = [g for g in found if value in g.attributes.get(key, [])]
+            if "search" in query:
+                term = query["search"].lower()
+                exact = query.get("exact", "false").lower() == "true"
+                found = [g for g in found if (g.name.lower() == term if exact else term in g.name.lower())]
+        else:
+            found, hierarchy = list(self.groups), False
+        first, count = int(query.get("first", "0")), int(query.get("max", "100"))
+        found = found[first:first + count]
+        if not hierarchy:
+            return web.json_response([g.representation(brief, []) for g in found])
+        tops: dict[str, dict] = {}
+        for group in found:  # each match nested under its ancestors, as Keycloak answers searches
+            chain = [group]
+            while chain[-1].parent is not None:
+                chain.append(chain[-1].parent)
+            rep = None
+            for node in chain:
+                rep = node.representation(brief, [rep] if rep else [])
+            top = tops.setdefault(rep["id"], rep)
+            if top is not rep:
+                top["subGroups"].extend(rep["subGroups"])
+        return web.json_response(list(tops.values()))
+
+    async def members_endpoint(self, request: web.Request) -> web.StreamResponse:
+        if (fault := await self.faulted("members", request)) is not None:
+            return fault
+        if (refusal := self._admin_refusal(request)) is not None:
+            return refusal
+        group = next((g for g in self._all_groups() if g.id == request.match_info["id"]), None)
+        if group is None:
+            return web.json_response({"error": "Could not find group by id"}, status=404)
+        query = request.query
+        members = sorted((u for u in self.users if u.username in group.members), key=lambda u: u.username)
+        first, count = int(query.get("first", "0")), int(query.get("max", "100"))
+        brief = query.get("briefRepresentation", "false").lower() == "true"
+        return web.json_response([u.representation(brief) for u in members[first:first + count]])
+
+    async def users_endpoint(self, request: web.Request) -> web.StreamResponse:
+        if (fault := await self.faulted("users", request)) is not None:
+            return fault
+        if (refusal := self._admin_refusal(request)) is not None:
+            return refusal
         query = request.query
         exact = query.get("exact", "").lower() == "true" and not self.ignore_exact
         found = list(self.users)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 
 from mailcloak.socketmap.maps import MAPS, MAX_KEY, NOTFOUND, Reply, alias_map
+from mailcloak.config import StaticConfig
+from mailcloak.idp.static import StaticProvider
 from mailcloak.store.model import Alias, Domain, Rows, Snapshot
+
+NO_IDP = StaticProvider(StaticConfig())  # these aliases need no IdP question
 
 ROWS = Rows(
     domains=(Domain("d1.test", True, 0), Domain("d2.test", True, 0), Domain("d3.test", False, 0)),
@@ -69,27 +73,27 @@ SNAPSHOT = Snapshot.from_rows(ROWS)
     ("alias1-x@d1.test", "+", NOTFOUND),
 ])
 def test_alias_map(key, delimiters, expected):
-    assert alias_map(key, SNAPSHOT, delimiters) == expected
+    assert alias_map(key, SNAPSHOT, delimiters, NO_IDP) == expected
 
 
 def test_alias_in_domain_missing_from_table():
     snapshot = Snapshot.from_rows(Rows(aliases=(Alias("x@gone.test", "alice", "gone.test", True, 0),)))
-    assert alias_map("x@gone.test", snapshot, "+") == NOTFOUND
+    assert alias_map("x@gone.test", snapshot, "+", NO_IDP) == NOTFOUND
 
 
 def test_legacy_extra_local_domain_counts_as_enabled():
     rows = Rows(aliases=(Alias("x@legacy.test", "alice", "legacy.test", True, 0),))
     snapshot = Snapshot.from_rows(rows, frozenset({"legacy.test"}))
-    assert alias_map("X@Legacy.Test", snapshot, "+") == Reply("OK", "alice@legacy.test")
+    assert alias_map("X@Legacy.Test", snapshot, "+", NO_IDP) == Reply("OK", "alice@legacy.test")
 
 
 def test_key_over_postfix_limit():
     long_key = "alias1+" + "x" * MAX_KEY + "@d1.test"
-    assert alias_map(long_key, SNAPSHOT, "+") == NOTFOUND
+    assert alias_map(long_key, SNAPSHOT, "+", NO_IDP) == NOTFOUND
 
 
 def test_empty_snapshot():
-    assert alias_map("alias1@d1.test", Snapshot(), "+") == NOTFOUND
+    assert alias_map("alias1@d1.test", Snapshot(), "+", NO_IDP) == NOTFOUND
 
 
 @pytest.mark.parametrize("reply, wire", [

@@ -1,4 +1,4 @@
-"""The version 2 writes (app settings, last use, import) mean the same on both stores: the
+"""The version 2 writes (lists, app settings, last use, import) mean the same on both stores: the
 statements are mailcloak.store.sql's, run once through each backend."""
 
 from __future__ import annotations
@@ -46,3 +46,20 @@ async def test_import_rows_replace(store):
     (app,) = loaded.apps
     assert (app.app_id, app.description, [s.address for s in app.senders]) == (
         "printer", "scanner", ["scan@d1.test"])
+
+
+async def test_list_writes(store):
+    await store.add_domain("d1.test")
+    await store.set_alias_targets("team@d1.test", ("alice", "bob"))
+    await store.add_alias_member("team@d1.test", "carol")
+    await store.remove_alias_member("team@d1.test", "alice")
+    await store.set_alias_senders("team@d1.test", "listed", ("dave",))
+    await store.add_alias("@d1.test", "alice")
+    by_address = {a.address: a for a in (await store.load()).aliases}
+    team = by_address["team@d1.test"]
+    assert (team.targets, team.send_policy, team.listed_senders) == (("bob", "carol"), "listed", ("dave",))
+    # aliases add A U means "A -> U alone", and keeps the sender rule
+    await store.add_alias("team@d1.test", "erin")
+    team = {a.address: a for a in (await store.load()).aliases}["team@d1.test"]
+    assert (team.targets, team.send_policy) == (("erin",), "listed")
+    assert by_address["@d1.test"].targets == ("alice",)
