@@ -41,7 +41,7 @@ The words, arguments and tab-separated list output are those of the Go project's
   password is refused; with no terminal and no source, the command fails and says how to give
   one. Only the argon2id hash (`{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$...`) is stored.
 - **App settings** (`apps add/set --description/--expires/--networks`, mailcloak.app_fields) and
-  their `apps list` lines, and **export/import** (mailcloak.transfer): README "App credentials
+  their `apps list` lines, and **export/import** (mailcloak.export): README "App credentials
   that age" and "Export and import".
 - **check.** `check --sasl-method M --sasl-user U --sender S --recipient R [--state RCPT|MAIL]`
   builds the policy request Postfix would send and evaluates it with the daemon's own code
@@ -88,7 +88,7 @@ from mailcloak.errors import InvalidInput, MailcloakError, NotFound
 from mailcloak.passwords import NO_SECRET, generate_token, hash_secret
 from mailcloak.store import Store, open_store
 from mailcloak.store.model import Alias, App, AppSettings, AppUsage, Rows
-from mailcloak.transfer import export_document, parse_document
+from mailcloak.export import export_document, parse_document
 
 PROG = "mailcloakctl"
 
@@ -475,8 +475,8 @@ def _store_spec(value: str) -> Config:
 
 
 async def _migrate_store(args: argparse.Namespace) -> None:
-    """Copy every row from --from into --to (see mailcloak.store.transfer)."""
-    from mailcloak.store.transfer import TABLES, copy_store
+    """Copy every row from --from into --to (see mailcloak.store.copy)."""
+    from mailcloak.store.copy import TABLES, copy_store
 
     source = await open_store(args.source)
     try:

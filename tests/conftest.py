@@ -36,7 +36,7 @@ def pg_cluster():
 def pg_go_template(pg_cluster, tmp_path_factory) -> str:
     """A PostgreSQL database holding the Go project's rows, copied by migrate-store's own code;
     the template of each test's fresh database."""
-    from mailcloak.store.transfer import copy_store
+    from mailcloak.store.copy import copy_store
 
     source = SQLiteSite(make_go_database(tmp_path_factory.mktemp("go-pg") / "state.db"))
     name = pg_cluster.create_database()

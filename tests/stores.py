@@ -111,7 +111,7 @@ class PostgresSite:
 
 def dump(site) -> str:
     """Every row of every table, in a stable order: equal dumps mean nothing changed."""
-    from mailcloak.store.transfer import TABLES
+    from mailcloak.store.copy import TABLES
 
     lines = []
     for table, _, _ in TABLES:

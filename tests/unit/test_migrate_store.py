@@ -15,7 +15,7 @@ COUNTS = "domains\t{}\naliases\t{}\nalias_targets\t{}\nalias_senders\t{}\napps\t
 
 def go_columns(site) -> dict[str, list[tuple]]:
     """The rows of a Go (version 1) database's four tables, as they read in any later version."""
-    from mailcloak.store.transfer import TABLES
+    from mailcloak.store.copy import TABLES
 
     return {table: sorted(site.query(f"SELECT {v1} FROM {table}")) for table, v1, _ in TABLES if v1}
 
