@@ -39,9 +39,6 @@ class Metrics:
             ["service"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.add_scrape_time_source(self._counter_families)
 
-    def decision(self, action: str, rule: str) -> None:
-        self.policy_decisions[(action_class(action), rule)] += 1
-
     def _counter_families(self) -> Iterable:
         yield counter_family("mailcloak_policy_decisions",
                              "Policy decisions by action and by the rule that decided.",

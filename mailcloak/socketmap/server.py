@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
 
 from mailcloak.errors import ProtocolError
+from mailcloak.memo import SnapshotMemo
 from mailcloak.metrics import Metrics
 from mailcloak.runtime import RuntimeRef
 from mailcloak.socketmap.maps import MAPS, MAX_KEY, MAX_REPLY, Reply
@@ -17,15 +17,11 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST = MAX_KEY + 256  # map name, space and key
 READ_SIZE = 16 * 1024
-# Framed answers kept for the snapshot and config in force: Postfix asks for each address several
-# times per message (smtpd, cleanup, then the answer again). Emptied when full or when either
-# changes; requests longer than MEMO_KEY_MAX are not kept.
+# Framed answers kept for the snapshot and runtime in force (mailcloak.memo): Postfix asks for each
+# address several times per message (smtpd, cleanup, then the answer again). The key is the whole
+# request, map name included; requests longer than MEMO_KEY_MAX are not kept.
 MEMO_SIZE = 4096
 MEMO_KEY_MAX = 512
-
-
-def _dead() -> None:
-    return None
 
 
 class SocketmapService:
@@ -34,20 +30,14 @@ class SocketmapService:
         self._answers = metrics.socketmap_answers
         self._errors = metrics.protocol_errors
         self._latency = metrics.request_seconds.labels("socketmap")
-        self._memo: dict[bytes, tuple[bytes, tuple[str, str]]] = {}
-        # What the memo was made for, weakly: an old snapshot must not be kept alive by it.
-        self._memo_snapshot = self._memo_runtime = _dead
+        self._memo = SnapshotMemo(MEMO_SIZE)
 
     def framed_answer(self, request: bytes) -> bytes:
         """The netstring that answers `request`. An answer is a function of the request, the
         snapshot and the config alone, so it is kept (see MEMO_SIZE) while both stay in force."""
         runtime = self._ref.current
         snapshot = runtime.state.snapshot
-        if self._memo_snapshot() is not snapshot or self._memo_runtime() is not runtime:
-            self._memo = {}
-            self._memo_snapshot = weakref.ref(snapshot) if snapshot is not None else _dead
-            self._memo_runtime = weakref.ref(runtime)
-        memo = self._memo.get(request)
+        memo = self._memo.entries_for(runtime, snapshot).get(request)
         if memo is None:
             reply = self.answer(request)
             payload = reply.encode()
@@ -58,9 +48,7 @@ class SocketmapService:
                      payload.split(b" ", 1)[0].decode("ascii"))
             memo = (encode(payload), label)
             if snapshot is not None and len(request) <= MEMO_KEY_MAX:
-                if len(self._memo) >= MEMO_SIZE:
-                    self._memo.clear()
-                self._memo[request] = memo
+                self._memo.keep(runtime, snapshot, request, memo)
         self._answers[memo[1]] += 1
         return memo[0]
 

@@ -19,8 +19,8 @@ def test_action_class_is_bounded():
 
 def test_render_counters_and_scrape_time_sources():
     metrics = Metrics()
-    metrics.decision("553 5.7.1 Sender not owned by authenticated user", "8 sender not owned by app")
-    metrics.decision("553 5.7.1 Sender not owned by authenticated user", "8 sender not owned by app")
+    label = (action_class("553 5.7.1 Sender not owned by authenticated user"), "8 sender not owned by app")
+    metrics.policy_decisions[label] += 2
     metrics.socketmap_answers[("alias", "NOTFOUND")] += 3
     metrics.protocol_errors["socketmap"] += 1
     metrics.request_seconds.labels("policy").observe(0.002)
