@@ -76,7 +76,7 @@ class PolicyService:
         facts = await gather_facts(request, snapshot, idp, policy.recipient_delimiter, deadline)
         return decide(request, facts, runtime.failure_action)
 
-    async def _answer(self, lines: list[bytes], now: float) -> tuple:
+    async def answer_lines(self, lines: list[bytes], now: float) -> tuple:
         """(reply, metrics label, decision, parsed request) for one request's lines; the decision
         is None for a malformed request, the parsed request None for an answer from the memo."""
         runtime = self._ref.current
@@ -94,7 +94,7 @@ class PolicyService:
         idp = _Watched(runtime.idp)
         decision = await self._evaluate(parsed, runtime, snapshot, idp)
         answer = (encode_reply(decision.action), (action_class(decision.action), decision.rule), decision)
-        if snapshot is not None and (not idp.asked or runtime.config.idp.provider == "static"):
+        if snapshot is not None and (not idp.asked or runtime.idp.name == "static"):
             memo.keep(runtime, snapshot, key, answer)  # the static provider's answers never change
         return answer + (parsed,)
 
@@ -144,7 +144,7 @@ class PolicyService:
             conn.busy = True
             started = loop.time()
             try:
-                reply, label, decision, parsed = await self._answer(lines, started)
+                reply, label, decision, parsed = await self.answer_lines(lines, started)
                 if decision is not None:
                     self._decisions[label] += 1
                     self._log_decision(lines, parsed, decision)

@@ -42,3 +42,15 @@ def test_render_counters_and_scrape_time_sources():
         'mailcloak_passdb_results_total{result="ok"} 9.0',
     ):
         assert line in text, line
+
+
+def test_latency_buckets_are_cumulative_and_include_their_bound():
+    metrics = Metrics()
+    latency = metrics.request_seconds.labels("socketmap")
+    for seconds in (0.001, 0.0011, 30):
+        latency.observe(seconds)
+    text = metrics.render().decode()
+    assert 'mailcloak_request_duration_seconds_bucket{le="0.001",service="socketmap"} 1.0' in text
+    assert 'mailcloak_request_duration_seconds_bucket{le="0.0025",service="socketmap"} 2.0' in text
+    assert 'mailcloak_request_duration_seconds_bucket{le="+Inf",service="socketmap"} 3.0' in text
+    assert 'mailcloak_request_duration_seconds_count{service="socketmap"} 3.0' in text
