@@ -41,6 +41,9 @@ class SnapshotMemo:
             self._runtime = weakref.ref(runtime)
         return self._entries
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
     def keep(self, runtime: Runtime, snapshot: Snapshot, key: Hashable, value: Any) -> None:
         """Remember `value` if runtime and snapshot are still the memo's (a request that waited
         for the IdP may end after a reload)."""

@@ -4,38 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
+from typing import Awaitable
 
+from mailcloak.aio import Resume
+from mailcloak.config import SocketsConfig
 from mailcloak.errors import ProtocolError
 from mailcloak.idp.base import IdentityProvider
 from mailcloak.memo import SnapshotMemo
 from mailcloak.metrics import Metrics, action_class
-from mailcloak.policy.codec import MalformedRequest, PolicyRequest, encode_reply, parse_request, read_request_lines
+from mailcloak.policy.codec import (MalformedRequest, PolicyRequest, RequestFramer, deciding, encode_reply,
+                                    parse_request)
 from mailcloak.policy.decision import INTERNAL_TEMPFAIL, MALFORMED, Decision, decide
 from mailcloak.policy.facts import gather_facts
 from mailcloak.runtime import Runtime, RuntimeRef
 from mailcloak.store.model import Snapshot
-from mailcloak.unixserver import Connection, ReadDeadline
 
 log = logging.getLogger(__name__)
 
 DECISION_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO}
 
-# Decisions kept per snapshot and runtime (mailcloak.memo), and for at most MEMO_SECONDS, so that
-# a rule that came to depend on the clock could never be answered from the memo for long.
+# Decisions kept per snapshot and runtime (mailcloak.memo) under the request's `decision_key()`,
+# and for at most MEMO_SECONDS, so that a rule that came to depend on the clock could never be
+# answered from the memo for long (none does today: SPEC §6 reads no time).
 MEMO_SIZE = 8192
 MEMO_SECONDS = 1.0
-# Attributes that change with every message or connection and that no rule of SPEC §6 reads: a
-# request is memoised under its lines without them. A rule that reads one of them must take it
-# out of this list. Only a printable-ASCII value is left out, so a line that would make the request
-# malformed (NUL, invalid UTF-8) stays in the key, and the request is parsed (and refused) itself.
-_PER_MESSAGE = re.compile(
-    rb"\n(?:instance|queue_id|client_port|size|recipient_count)=[\x20-\x7e]*(?=\n|\Z)")
-
-
-def memo_key(lines: list[bytes]) -> bytes:
-    """The request without its per-message attributes: two requests with one key get one decision."""
-    return _PER_MESSAGE.sub(b"", b"\n".join(lines))
 
 
 class _Watched:
@@ -54,6 +46,11 @@ class _Watched:
 
 
 class PolicyService:
+    """Answers framed requests (mailcloak.unixserver): from the memo, or worked out at once when
+    only the snapshot and the static provider are asked, or in a task when a remote IdP is."""
+
+    name = "policy"
+
     def __init__(self, ref: RuntimeRef, metrics: Metrics):
         self._ref = ref
         self._metrics = metrics
@@ -61,10 +58,29 @@ class PolicyService:
         self._latency = metrics.request_seconds.labels("policy")
         self._memo = SnapshotMemo(MEMO_SIZE, MEMO_SECONDS)
 
+    @property
+    def sockets(self) -> SocketsConfig:
+        return self._ref.current.config.sockets
+
+    @staticmethod
+    def framer() -> RequestFramer:
+        return RequestFramer()
+
+    def protocol_error(self, exc: ProtocolError) -> None:
+        log.warning("policy: closing connection: %s", exc)
+        self._metrics.protocol_errors["policy"] += 1
+
+    def expired(self, mid_request: bool) -> None:
+        if mid_request:
+            self.protocol_error(ProtocolError("request not completed in time"))
+        else:
+            log.warning("policy: closing connection: idle timeout")
+
     async def evaluate(self, request: PolicyRequest) -> Decision:
         """Facts, then the pure decision. Always returns within the configured deadline."""
         runtime = self._ref.current
-        return await self._evaluate(request, runtime, runtime.state.snapshot, runtime.idp)
+        return await self._evaluate(deciding(request.decision_key()), runtime, runtime.state.snapshot,
+                                    runtime.idp)
 
     @staticmethod
     async def _evaluate(request: PolicyRequest, runtime: Runtime, snapshot: Snapshot | None,
@@ -76,80 +92,60 @@ class PolicyService:
         facts = await gather_facts(request, snapshot, idp, policy.recipient_delimiter, deadline)
         return decide(request, facts, runtime.failure_action)
 
-    async def answer_lines(self, lines: list[bytes], now: float) -> tuple:
-        """(reply, metrics label, decision, parsed request) for one request's lines; the decision
-        is None for a malformed request, the parsed request None for an answer from the memo."""
+    def respond(self, lines: list[bytes], now: float | None = None) -> bytes | Awaitable[bytes]:
+        """The reply to one request's lines; an awaitable when a remote IdP is asked. `now` (an
+        event-loop time) is for tests of the memo's lifetime."""
+        started = asyncio.get_running_loop().time()
+        request = parse_request(lines)
+        if isinstance(request, MalformedRequest):
+            log.warning("policy: malformed request (%s); answering DEFER_IF_PERMIT", request.reason)
+            self._metrics.protocol_errors["policy"] += 1
+            return encode_reply(MALFORMED)
         runtime = self._ref.current
         snapshot = runtime.state.snapshot
-        memo = self._memo
-        key = memo_key(lines)
-        kept = memo.entries_for(runtime, snapshot, now).get(key)
+        key = request.decision_key()
+        kept = self._memo.entries_for(runtime, snapshot, started if now is None else now).get(key)
         if kept is not None:
-            return kept + (None,)
-        parsed = parse_request(lines)
-        if isinstance(parsed, MalformedRequest):
-            log.warning("policy: malformed request (%s); answering DEFER_IF_PERMIT", parsed.reason)
-            self._metrics.protocol_errors["policy"] += 1
-            return encode_reply(MALFORMED), None, None, None
+            return self._reply(kept, request, started)
         idp = _Watched(runtime.idp)
-        decision = await self._evaluate(parsed, runtime, snapshot, idp)
-        answer = (encode_reply(decision.action), (action_class(decision.action), decision.rule), decision)
-        if snapshot is not None and (not idp.asked or runtime.idp.name == "static"):
-            memo.keep(runtime, snapshot, key, answer)  # the static provider's answers never change
-        return answer + (parsed,)
+        evaluation = self._evaluate(deciding(key), runtime, snapshot, idp)
+        if runtime.idp.name == "static":  # answers from memory: no task, no timer
+            try:
+                waiting_on = evaluation.send(None)
+            except StopIteration as done:
+                return self._reply(self._keep(runtime, snapshot, key, done.value, idp), request, started)
+            evaluation = Resume(evaluation, waiting_on)  # it waits after all: go on in a task
+        return self._answer_later(evaluation, runtime, snapshot, key, idp, request, started)
 
-    def _log_decision(self, lines: list[bytes], request: PolicyRequest | None, decision: Decision) -> None:
+    async def _answer_later(self, evaluation, runtime: Runtime, snapshot: Snapshot | None, key: tuple,
+                            idp: _Watched, request: PolicyRequest, started: float) -> bytes:
+        decision = await evaluation
+        return self._reply(self._keep(runtime, snapshot, key, decision, idp), request, started)
+
+    def _keep(self, runtime: Runtime, snapshot: Snapshot | None, key: tuple, decision: Decision,
+              idp: _Watched) -> tuple:
+        """The memo entry for `decision`, kept unless it rests on a remote IdP's answer (whose TTL
+        the IdP cache keeps) or on a missing snapshot."""
+        entry = (encode_reply(decision.action), (action_class(decision.action), decision.rule), decision)
+        if snapshot is not None and (not idp.asked or runtime.idp.name == "static"):
+            self._memo.keep(runtime, snapshot, key, entry)  # the static provider's answers never change
+        return entry
+
+    def _reply(self, entry: tuple, request: PolicyRequest, started: float) -> bytes:
+        reply, label, decision = entry
+        self._decisions[label] += 1
+        self._log_decision(request, decision)
+        self._latency.observe(asyncio.get_running_loop().time() - started)
+        return reply
+
+    def _log_decision(self, request: PolicyRequest, decision: Decision) -> None:
         """One line per decision, with what an administrator searches for; never a secret."""
         level = DECISION_LEVELS[self._ref.current.config.daemon.decision_log_level]
         if not log.isEnabledFor(level):
             return
-        if request is None:  # answered from the memo: its per-message attributes are wanted here
-            request = parse_request(lines)
         log.log(level, "policy decision", extra={"fields": {
             "queue_id": request.get("queue_id"), "client": request.get("client_address"),
             "sasl_method": request.get("sasl_method"), "sasl_username": request.sasl_username,
             "sender": request.sender, "recipient": request.recipient,
             "state": request.protocol_state, "action": decision.action, "rule": decision.rule,
         }})
-
-    @staticmethod
-    def _idle_timeout(conn: Connection) -> None:
-        log.warning("policy: closing connection: idle timeout")
-        conn.close_now()
-
-    async def handle(self, conn: Connection) -> None:
-        sockets = self._ref.current.config.sockets
-        loop = asyncio.get_running_loop()
-        # The wait for a request to start is bounded here, with one timer per connection.
-        idle = ReadDeadline(loop, lambda: self._idle_timeout(conn))
-        try:
-            await self._serve(conn, sockets, loop, idle)
-        finally:
-            idle.stop()
-
-    async def _serve(self, conn: Connection, sockets, loop, idle: ReadDeadline) -> None:
-        while not conn.closing:
-            idle.reading_until(loop.time() + sockets.idle_timeout_seconds)
-            try:
-                lines = await read_request_lines(conn.reader, None, sockets.request_timeout_seconds,
-                                                 idle.done)
-            except ProtocolError as exc:
-                if not idle.expired:  # after an idle timeout the read only sees the close
-                    log.warning("policy: closing connection: %s", exc)
-                    self._metrics.protocol_errors["policy"] += 1
-                return
-            idle.done()
-            if lines is None:
-                return
-            conn.busy = True
-            started = loop.time()
-            try:
-                reply, label, decision, parsed = await self.answer_lines(lines, started)
-                if decision is not None:
-                    self._decisions[label] += 1
-                    self._log_decision(lines, parsed, decision)
-                conn.writer.write(reply)
-                self._latency.observe(loop.time() - started)
-                await conn.drain(sockets.request_timeout_seconds)
-            finally:
-                conn.busy = False

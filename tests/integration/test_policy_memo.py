@@ -11,7 +11,8 @@ from mailcloak.idp import build_provider
 from mailcloak.idp.keycloak import KeycloakProvider
 from mailcloak.metrics import Metrics
 from mailcloak.policy.decision import MALFORMED, NO_SUCH_USER
-from mailcloak.policy.server import PolicyService, memo_key
+from mailcloak.policy.codec import DECIDING, deciding, parse_request
+from mailcloak.policy.server import MEMO_SECONDS, PolicyService
 from mailcloak.runtime import Runtime, RuntimeRef
 from mailcloak.state import StateCache
 from mailcloak.store.sqlite import SQLiteStore
@@ -38,40 +39,63 @@ async def service(tmp_path, go_db):
     await store.close()
 
 
-def test_memo_key_leaves_out_only_clean_per_message_attributes():
-    plain = memo_key(lines_of(**UNAUTH, instance="1a.2b", queue_id="4XyZ1", client_port="4000"))
-    assert plain == memo_key(lines_of(**UNAUTH, instance="9f.00", queue_id="", client_port="4001"))
-    assert plain != memo_key(lines_of(**UNAUTH, instance="1a.2b\x00", queue_id="4XyZ1", client_port="4000"))
-    assert plain != memo_key(lines_of(**{**UNAUTH, "sender": "y@outside.example"}))
+async def answer(policy: PolicyService, lines: list[bytes], now: float) -> bytes:
+    reply = policy.respond(lines, now)
+    return reply if isinstance(reply, bytes) else await reply
+
+
+def key_of(**attributes: str) -> tuple:
+    return parse_request(lines_of(**attributes)).decision_key()
+
+
+def test_decision_key_holds_the_deciding_attributes_normalised_and_nothing_else():
+    plain = key_of(**UNAUTH, instance="1a.2b", queue_id="4XyZ1", client_port="4000", helo_name="a.example",
+                   client_address="192.0.2.1")
+    assert plain == key_of(**UNAUTH, instance="9f.00", queue_id="", client_port="4001", helo_name="b.example",
+                           client_address="198.51.100.7")
+    assert plain == key_of(**{**UNAUTH, "sender": "X@Outside.Example", "protocol_state": "rcpt"})
+    assert plain != key_of(**{**UNAUTH, "sender": "y@outside.example"})
+    assert key_of(**UNAUTH, sasl_username="Bob") != key_of(**UNAUTH, sasl_username="bob")
+
+
+async def test_the_decision_sees_only_the_deciding_attributes(service):
+    """What makes the memo correct by construction: facts and decision get `deciding(key)`."""
+    policy, _state = service
+    full = parse_request(lines_of(**UNAUTH, client_address="192.0.2.1", helo_name="x.example"))
+    seen = deciding(full.decision_key())
+    assert set(seen.attributes) == set(DECIDING)
+    assert await policy.evaluate(full) == await policy.evaluate(seen)
 
 
 async def test_one_decision_per_key_within_a_snapshot(service):
     policy, _state = service
     now = asyncio.get_running_loop().time()
-    first = await policy.answer_lines(lines_of(**UNAUTH, queue_id="A1"), now)
-    again = await policy.answer_lines(lines_of(**UNAUTH, queue_id="B2"), now)
-    assert first[:3] == again[:3] and first[0] == b"action=DUNNO\n\n"
-    assert first[3] is not None and again[3] is None      # the second came from the memo
-    later = await policy.answer_lines(lines_of(**UNAUTH, queue_id="C3"), now + 1.5)
-    assert later[3] is not None                           # the memo's lifetime is over
+    first = await answer(policy, lines_of(**UNAUTH, queue_id="A1", client_address="192.0.2.1"), now)
+    assert len(policy._memo) == 1
+    again = await answer(policy, lines_of(**UNAUTH, queue_id="B2", client_address="192.0.2.2"), now)
+    assert first == again == b"action=DUNNO\n\n"
+    assert len(policy._memo) == 1                        # the second came from the memo
+    await answer(policy, lines_of(**UNAUTH, queue_id="C3"), now + 1.5)
+    assert len(policy._memo) == 1                        # emptied, then this one kept
+    assert policy._memo._until == now + 1.5 + MEMO_SECONDS   # the memo's lifetime started over
 
 
 async def test_a_malformed_request_is_refused_even_when_its_key_was_answered(service):
     policy, _state = service
     now = asyncio.get_running_loop().time()
-    await policy.answer_lines(lines_of(**UNAUTH, queue_id="A1"), now)
-    reply = await policy.answer_lines(lines_of(**UNAUTH, queue_id="A\x001"), now)
-    assert reply[0] == f"action={MALFORMED}\n\n".encode()
+    await answer(policy, lines_of(**UNAUTH, queue_id="A1"), now)
+    reply = await answer(policy, lines_of(**UNAUTH, queue_id="A\x001"), now)
+    assert reply == f"action={MALFORMED}\n\n".encode()
 
 
 async def test_a_database_change_is_answered_at_once(service):
     policy, state = service
     request = lines_of(protocol_state="RCPT", sender="x@outside.example", recipient="new@d1.test")
     now = asyncio.get_running_loop().time()
-    assert (await policy.answer_lines(request, now))[0] == f"action={NO_SUCH_USER}\n\n".encode()
+    assert (await answer(policy, request, now)) == f"action={NO_SUCH_USER}\n\n".encode()
     await state.store.add_alias("new@d1.test", "alice")
     await state.load()
-    assert (await policy.answer_lines(request, now))[0] == b"action=DUNNO\n\n"
+    assert (await answer(policy, request, now)) == b"action=DUNNO\n\n"
 
 
 async def test_a_remote_idp_answer_is_not_kept_past_its_ttl(tmp_path, go_db, keycloak_standin, clock):
@@ -84,11 +108,11 @@ async def test_a_remote_idp_answer_is_not_kept_past_its_ttl(tmp_path, go_db, key
     try:
         policy = PolicyService(RuntimeRef(Runtime(config, idp, state)), Metrics())
         now = asyncio.get_running_loop().time()
-        assert (await policy.answer_lines(lines_of(**UNAUTH), now))[0] == b"action=DUNNO\n\n"
+        assert (await answer(policy, lines_of(**UNAUTH), now)) == b"action=DUNNO\n\n"
         keycloak_standin.user("alice").enabled = False
         clock.advance(61)  # the IdP's answer has expired; the memo's own second has not
-        reply = await policy.answer_lines(lines_of(**UNAUTH), now)
-        assert reply[0] == f"action={NO_SUCH_USER}\n\n".encode()
+        reply = await answer(policy, lines_of(**UNAUTH), now)
+        assert reply == f"action={NO_SUCH_USER}\n\n".encode()
     finally:
         await idp.close()
         await store.close()
