@@ -44,8 +44,9 @@ class StateCache:
 
     async def load(self) -> None:
         """Load now; raises StoreError (used at start-up, where failing is right)."""
-        rows = await self._store.load()
-        rows = await _checked_rows(rows, self.snapshot)
+        previous = self.snapshot
+        rows = await self._store.load(reuse=previous.aliases if previous is not None else None)
+        rows = await _checked_rows(rows, previous)
         self.snapshot = Snapshot.from_rows(rows, self._extra, await _alias_index(rows))
         self.loaded_at = time.monotonic()
         self.last_error = None
@@ -105,14 +106,15 @@ SLICE = 2000
 
 async def _checked_rows(rows: Rows, previous: Snapshot | None) -> Rows:
     """`_safe_rows(rows)`, checking only aliases that changed since the `previous` snapshot: the
-    checks are a function of the row alone, and an unchanged row in it passed them already."""
+    checks are a function of the row alone, and an unchanged row (the store gives its object of
+    the previous load again) passed them already."""
     if previous is None:
         return _safe_rows(rows)
     known = previous.aliases
     unchanged: set[int] = set()
     changed = []
     for n, alias in enumerate(rows.aliases, 1):
-        if known.get(alias.address) == alias:
+        if known.get(alias.address) is alias:
             unchanged.add(id(alias))
         else:
             changed.append(alias)

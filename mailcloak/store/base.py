@@ -8,8 +8,9 @@ cannot drift from the first: the meaning lives in these method contracts, the SQ
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Mapping
 
-from mailcloak.store.model import Rows
+from mailcloak.store.model import Alias, Rows
 
 
 class Store(ABC):
@@ -28,8 +29,10 @@ class Store(ABC):
     # Reads -----------------------------------------------------------------------------------
 
     @abstractmethod
-    async def load(self) -> Rows:
-        """Every row of every table, read in one consistent transaction."""
+    async def load(self, reuse: Mapping[str, Alias] | None = None) -> Rows:
+        """Every row of every table, read in one consistent transaction. `reuse`: the aliases of
+        the previous load by lower-case address; an alias row that has not changed comes back as
+        that same object."""
 
     @abstractmethod
     async def wait_for_change(self) -> None:

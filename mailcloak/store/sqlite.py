@@ -16,6 +16,7 @@ import contextlib
 import os
 import sqlite3
 import time
+from typing import Mapping
 from pathlib import Path
 
 import aiosqlite
@@ -213,7 +214,7 @@ class SQLiteStore(Store):
 
     # Reads -------------------------------------------------------------------------------------
 
-    async def load(self) -> Rows:
+    async def load(self, reuse: Mapping[str, Alias] | None = None) -> Rows:
         try:
             await self._conn.execute("BEGIN")
             try:
@@ -246,15 +247,23 @@ class SQLiteStore(Store):
                         "SELECT alias_email, sender_user FROM alias_senders ORDER BY alias_email, sender_user"
                     ):
                         listed_senders.setdefault(_text(address), []).append(_text(sender))
-                aliases = [
-                    Alias(_text(address), _text(target), _text(domain), bool(enabled), _int(updated_at),
-                          tuple(extra_targets.get(_text(address), ())), _text(policy) or "members",
-                          tuple(listed_senders.get(_text(address), ())))
-                    async for address, target, domain, enabled, updated_at, policy in self._rows(
-                        "SELECT alias_email, target_user, alias_domain_name, enabled, updated_at, "
-                        + ("send_policy" if v2 else "'members'") + " FROM aliases"
-                    )
-                ]
+                aliases = []
+                async for row in self._rows(
+                    "SELECT alias_email, target_user, alias_domain_name, enabled, updated_at, "
+                    + ("send_policy" if v2 else "'members'") + " FROM aliases"
+                ):
+                    # An unchanged row gives the object of the previous load again: at 100 000
+                    # aliases, a reload then leaves few new objects for the collector to scan.
+                    kept = reuse.get(row[0]) if reuse else None
+                    if (kept is not None and _unchanged(kept, row)
+                            and row[0] not in extra_targets and row[0] not in listed_senders):
+                        aliases.append(kept)
+                        continue
+                    address, target, domain, enabled, updated_at, policy = row
+                    aliases.append(Alias(
+                        _text(address), _text(target), _text(domain), bool(enabled), _int(updated_at),
+                        tuple(extra_targets.get(_text(address), ())), _text(policy) or "members",
+                        tuple(listed_senders.get(_text(address), ()))))
                 senders: dict[str, list[AppSender]] = {}
                 async for app_id, address, enabled in self._rows(
                     "SELECT app_id, from_addr, enabled FROM app_from ORDER BY app_id, from_addr"
@@ -474,6 +483,15 @@ def _text(value) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return "" if value is None else str(value)
+
+
+def _unchanged(alias: Alias, row: tuple) -> bool:
+    """Whether an aliases row (as SELECTed by load) is `alias` as loaded before, with no list
+    targets or listed senders: then that object is used again."""
+    address, target, domain, enabled, updated_at, policy = row
+    return (alias.address == address and alias.target_user == target and alias.domain == domain
+            and alias.enabled == bool(enabled) and alias.updated_at == updated_at
+            and alias.send_policy == policy and not alias.extra_targets and not alias.listed_senders)
 
 
 def _int(value) -> int:
