@@ -2,9 +2,10 @@
 
 Postfix asks the same questions again and again (each recipient of a message, smtpd then cleanup,
 each answer looked up again), and an answer that is a function of the request, the snapshot and
-the runtime alone need not be worked out twice. The memo is emptied when either changes, when it
-is full, and (if given a lifetime) when that has passed; it refers to the snapshot and runtime
-weakly, so an old snapshot is not kept alive by it.
+the runtime alone need not be worked out twice. The memo is emptied when either changes and when
+it is full; it refers to the snapshot and runtime weakly, so an old snapshot is not kept alive by
+it. An answer that also depends on something else (the clock, a remote IdP's answer with its own
+TTL) must either have it in its key or not be kept.
 """
 
 from __future__ import annotations
@@ -22,21 +23,17 @@ def _dead() -> None:
 
 
 class SnapshotMemo:
-    __slots__ = ("_size", "_lifetime", "_until", "_entries", "_snapshot", "_runtime")
+    __slots__ = ("_size", "_entries", "_snapshot", "_runtime")
 
-    def __init__(self, size: int, lifetime: float = float("inf")):
+    def __init__(self, size: int):
         self._size = size
-        self._lifetime = lifetime
-        self._until = 0.0
         self._entries: dict[Hashable, Any] = {}
         self._snapshot = self._runtime = _dead
 
-    def entries_for(self, runtime: Runtime, snapshot: Snapshot | None, now: float = 0.0) -> dict[Hashable, Any]:
-        """The answers kept for this runtime and snapshot (emptied if they are not the memo's, or
-        if the lifetime ran out by `now`, an event-loop time)."""
-        if self._snapshot() is not snapshot or self._runtime() is not runtime or now >= self._until:
+    def entries_for(self, runtime: Runtime, snapshot: Snapshot | None) -> dict[Hashable, Any]:
+        """The answers kept for this runtime and snapshot (emptied if they are not the memo's)."""
+        if self._snapshot() is not snapshot or self._runtime() is not runtime:
             self._entries = {}
-            self._until = now + self._lifetime
             self._snapshot = weakref.ref(snapshot) if snapshot is not None else _dead
             self._runtime = weakref.ref(runtime)
         return self._entries

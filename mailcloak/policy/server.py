@@ -23,11 +23,13 @@ log = logging.getLogger(__name__)
 
 DECISION_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO}
 
-# Decisions kept per snapshot and runtime (mailcloak.memo) under the request's `decision_key()`,
-# and for at most MEMO_SECONDS, so that a rule that came to depend on the clock could never be
-# answered from the memo for long (none does today: SPEC §6 reads no time).
+# Decisions kept per snapshot and runtime (mailcloak.memo) under the request's `decision_key()`:
+# facts and decision see nothing else (codec.DECIDING), so a kept decision is right for as long
+# as snapshot and runtime stay in force. No rule of SPEC §6 reads the clock or client_address
+# (app expiry and networks are checked by the passdb); a rule that came to would add the
+# attribute to DECIDING, and a clock-reading one would need the time (or a bucket of it) in the
+# key. A decision that asked a remote IdP is not kept (its answer has the IdP cache's TTL).
 MEMO_SIZE = 8192
-MEMO_SECONDS = 1.0
 
 
 class _Watched:
@@ -56,7 +58,7 @@ class PolicyService:
         self._metrics = metrics
         self._decisions = metrics.policy_decisions
         self._latency = metrics.request_seconds.labels("policy")
-        self._memo = SnapshotMemo(MEMO_SIZE, MEMO_SECONDS)
+        self._memo = SnapshotMemo(MEMO_SIZE)
 
     @property
     def sockets(self) -> SocketsConfig:
@@ -92,9 +94,8 @@ class PolicyService:
         facts = await gather_facts(request, snapshot, idp, policy.recipient_delimiter, deadline)
         return decide(request, facts, runtime.failure_action)
 
-    def respond(self, lines: list[bytes], now: float | None = None) -> bytes | Awaitable[bytes]:
-        """The reply to one request's lines; an awaitable when a remote IdP is asked. `now` (an
-        event-loop time) is for tests of the memo's lifetime."""
+    def respond(self, lines: list[bytes]) -> bytes | Awaitable[bytes]:
+        """The reply to one request's lines; an awaitable when a remote IdP is asked."""
         started = asyncio.get_running_loop().time()
         request = parse_request(lines)
         if isinstance(request, MalformedRequest):
@@ -104,7 +105,7 @@ class PolicyService:
         runtime = self._ref.current
         snapshot = runtime.state.snapshot
         key = request.decision_key()
-        kept = self._memo.entries_for(runtime, snapshot, started if now is None else now).get(key)
+        kept = self._memo.entries_for(runtime, snapshot).get(key)
         if kept is not None:
             return self._reply(kept, request, started)
         idp = _Watched(runtime.idp)

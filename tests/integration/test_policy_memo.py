@@ -12,7 +12,7 @@ from mailcloak.idp.keycloak import KeycloakProvider
 from mailcloak.metrics import Metrics
 from mailcloak.policy.decision import MALFORMED, NO_SUCH_USER
 from mailcloak.policy.codec import DECIDING, deciding, parse_request
-from mailcloak.policy.server import MEMO_SECONDS, PolicyService
+from mailcloak.policy.server import PolicyService
 from mailcloak.runtime import Runtime, RuntimeRef
 from mailcloak.state import StateCache
 from mailcloak.store.sqlite import SQLiteStore
@@ -39,8 +39,8 @@ async def service(tmp_path, go_db):
     await store.close()
 
 
-async def answer(policy: PolicyService, lines: list[bytes], now: float) -> bytes:
-    reply = policy.respond(lines, now)
+async def answer(policy: PolicyService, lines: list[bytes]) -> bytes:
+    reply = policy.respond(lines)
     return reply if isinstance(reply, bytes) else await reply
 
 
@@ -69,33 +69,27 @@ async def test_the_decision_sees_only_the_deciding_attributes(service):
 
 async def test_one_decision_per_key_within_a_snapshot(service):
     policy, _state = service
-    now = asyncio.get_running_loop().time()
-    first = await answer(policy, lines_of(**UNAUTH, queue_id="A1", client_address="192.0.2.1"), now)
+    first = await answer(policy, lines_of(**UNAUTH, queue_id="A1", client_address="192.0.2.1"))
     assert len(policy._memo) == 1
-    again = await answer(policy, lines_of(**UNAUTH, queue_id="B2", client_address="192.0.2.2"), now)
+    again = await answer(policy, lines_of(**UNAUTH, queue_id="B2", client_address="192.0.2.2"))
     assert first == again == b"action=DUNNO\n\n"
     assert len(policy._memo) == 1                        # the second came from the memo
-    await answer(policy, lines_of(**UNAUTH, queue_id="C3"), now + 1.5)
-    assert len(policy._memo) == 1                        # emptied, then this one kept
-    assert policy._memo._until == now + 1.5 + MEMO_SECONDS   # the memo's lifetime started over
 
 
 async def test_a_malformed_request_is_refused_even_when_its_key_was_answered(service):
     policy, _state = service
-    now = asyncio.get_running_loop().time()
-    await answer(policy, lines_of(**UNAUTH, queue_id="A1"), now)
-    reply = await answer(policy, lines_of(**UNAUTH, queue_id="A\x001"), now)
+    await answer(policy, lines_of(**UNAUTH, queue_id="A1"))
+    reply = await answer(policy, lines_of(**UNAUTH, queue_id="A\x001"))
     assert reply == f"action={MALFORMED}\n\n".encode()
 
 
 async def test_a_database_change_is_answered_at_once(service):
     policy, state = service
     request = lines_of(protocol_state="RCPT", sender="x@outside.example", recipient="new@d1.test")
-    now = asyncio.get_running_loop().time()
-    assert (await answer(policy, request, now)) == f"action={NO_SUCH_USER}\n\n".encode()
+    assert (await answer(policy, request)) == f"action={NO_SUCH_USER}\n\n".encode()
     await state.store.add_alias("new@d1.test", "alice")
     await state.load()
-    assert (await answer(policy, request, now)) == b"action=DUNNO\n\n"
+    assert (await answer(policy, request)) == b"action=DUNNO\n\n"
 
 
 async def test_a_remote_idp_answer_is_not_kept_past_its_ttl(tmp_path, go_db, keycloak_standin, clock):
@@ -107,11 +101,10 @@ async def test_a_remote_idp_answer_is_not_kept_past_its_ttl(tmp_path, go_db, key
     idp = KeycloakProvider(config_for(keycloak_standin, cache_ttl_seconds=60), clock=clock)
     try:
         policy = PolicyService(RuntimeRef(Runtime(config, idp, state)), Metrics())
-        now = asyncio.get_running_loop().time()
-        assert (await answer(policy, lines_of(**UNAUTH), now)) == b"action=DUNNO\n\n"
+        assert (await answer(policy, lines_of(**UNAUTH))) == b"action=DUNNO\n\n"
         keycloak_standin.user("alice").enabled = False
-        clock.advance(61)  # the IdP's answer has expired; the memo's own second has not
-        reply = await answer(policy, lines_of(**UNAUTH), now)
+        clock.advance(61)  # the IdP's answer has expired
+        reply = await answer(policy, lines_of(**UNAUTH))
         assert reply == f"action={NO_SUCH_USER}\n\n".encode()
     finally:
         await idp.close()
