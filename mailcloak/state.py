@@ -101,7 +101,7 @@ class StateCache:
 
 # Aliases handled between two turns of the event loop while a snapshot is built, so that requests
 # are not held up by a reload of a large database.
-SLICE = 2000
+SLICE = 500
 
 
 async def _checked_rows(rows: Rows, previous: Snapshot | None) -> tuple[Rows, dict]:

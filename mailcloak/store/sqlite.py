@@ -122,7 +122,7 @@ MIGRATIONS: tuple[str, ...] = (SCHEMA_V1, SCHEMA_V2)
 SCHEMA_VERSION = len(MIGRATIONS)
 REQUIRED_TABLES = frozenset({"domains", "aliases", "apps", "app_from"})
 
-_CHUNK = 2000  # rows per fetch while loading, so the event loop is never held for long
+_CHUNK = 500  # rows per fetch while loading, so the event loop is never held for long
 
 
 def missing_message(path: str) -> str:
