@@ -248,22 +248,26 @@ class SQLiteStore(Store):
                     ):
                         listed_senders.setdefault(_text(address), []).append(_text(sender))
                 aliases = []
-                async for row in self._rows(
+                known = reuse.get if reuse else {}.get
+                async for chunk in self._chunks(
                     "SELECT alias_email, target_user, alias_domain_name, enabled, updated_at, "
                     + ("send_policy" if v2 else "'members'") + " FROM aliases"
                 ):
-                    # An unchanged row gives the object of the previous load again: at 100 000
-                    # aliases, a reload then leaves few new objects for the collector to scan.
-                    kept = reuse.get(row[0]) if reuse else None
-                    if (kept is not None and _unchanged(kept, row)
-                            and row[0] not in extra_targets and row[0] not in listed_senders):
-                        aliases.append(kept)
-                        continue
-                    address, target, domain, enabled, updated_at, policy = row
-                    aliases.append(Alias(
-                        _text(address), _text(target), _text(domain), bool(enabled), _int(updated_at),
-                        tuple(extra_targets.get(_text(address), ())), _text(policy) or "members",
-                        tuple(listed_senders.get(_text(address), ()))))
+                    for row in chunk:
+                        # An unchanged row gives the object of the previous load again: at 100 000
+                        # aliases, a reload then leaves few new objects for the collector to scan.
+                        kept = known(row[0])
+                        if (kept is not None and row == (kept.address, kept.target_user, kept.domain,
+                                                         kept.enabled, kept.updated_at, kept.send_policy)
+                                and not kept.extra_targets and not kept.listed_senders
+                                and row[0] not in extra_targets and row[0] not in listed_senders):
+                            aliases.append(kept)
+                            continue
+                        address, target, domain, enabled, updated_at, policy = row
+                        aliases.append(Alias(
+                            _text(address), _text(target), _text(domain), bool(enabled), _int(updated_at),
+                            tuple(extra_targets.get(_text(address), ())), _text(policy) or "members",
+                            tuple(listed_senders.get(_text(address), ()))))
                 senders: dict[str, list[AppSender]] = {}
                 async for app_id, address, enabled in self._rows(
                     "SELECT app_id, from_addr, enabled FROM app_from ORDER BY app_id, from_addr"
@@ -287,13 +291,18 @@ class SQLiteStore(Store):
         return Rows(tuple(domains), tuple(aliases), tuple(apps))
 
     async def _rows(self, sql: str, params: tuple = ()):
+        async for chunk in self._chunks(sql, params):
+            for row in chunk:
+                yield row
+
+    async def _chunks(self, sql: str, params: tuple = ()):
+        """The rows of `sql` in lists of _CHUNK, with the event loop served between them."""
         async with self._conn.execute(sql, params) as cur:
             while True:
                 chunk = await cur.fetchmany(_CHUNK)
                 if not chunk:
                     return
-                for row in chunk:
-                    yield row
+                yield chunk
                 await asyncio.sleep(0)
 
     async def wait_for_change(self) -> None:
@@ -483,15 +492,6 @@ def _text(value) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return "" if value is None else str(value)
-
-
-def _unchanged(alias: Alias, row: tuple) -> bool:
-    """Whether an aliases row (as SELECTed by load) is `alias` as loaded before, with no list
-    targets or listed senders: then that object is used again."""
-    address, target, domain, enabled, updated_at, policy = row
-    return (alias.address == address and alias.target_user == target and alias.domain == domain
-            and alias.enabled == bool(enabled) and alias.updated_at == updated_at
-            and alias.send_policy == policy and not alias.extra_targets and not alias.listed_senders)
 
 
 def _int(value) -> int:
