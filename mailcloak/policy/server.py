@@ -6,9 +6,8 @@ import asyncio
 import logging
 from typing import Awaitable
 
-from mailcloak.aio import Resume
 from mailcloak.config import SocketsConfig
-from mailcloak.errors import ProtocolError
+from mailcloak.errors import IdPError, ProtocolError
 from mailcloak.idp.base import IdentityProvider
 from mailcloak.memo import SnapshotMemo
 from mailcloak.metrics import Metrics, action_class
@@ -47,9 +46,64 @@ class _Watched:
         return getattr(self.idp, name)
 
 
+class _WouldWait(Exception):
+    """An IdP question cannot be answered from memory: the decision is made in a task."""
+
+
+class _Settled:
+    """An IdP question answered at once, as an awaitable that gives that answer (or raises its
+    IdPError), also when run by hand (`send`), as `facts._at_once` does."""
+
+    __slots__ = ("value", "error")
+
+    def __init__(self, value=None, error: IdPError | None = None):
+        self.value, self.error = value, error
+
+    def send(self, _):
+        if self.error is not None:
+            raise self.error
+        raise StopIteration(self.value)
+
+    def __await__(self):
+        if self.error is not None:
+            raise self.error
+        return self.value
+        yield  # a generator that never waits
+
+
+class _AtOnce(_Watched):
+    """The IdP for a decision tried outside a task, in `data_received`: a question is run up to
+    its first wait when it is asked. Answered from memory (a warm cache, the static provider), it
+    is handed back answered; if it would wait, the attempt stops (`_WouldWait`) and the decision
+    is made again in a task, where the question, still in flight in the IdP cache (its fetch is a
+    task of its own), is awaited under the request's deadline."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str):
+        self.asked = True
+        method = getattr(self.idp, name)
+
+        def at_once(*args):
+            query = method(*args)
+            try:
+                waiting_on = query.send(None)
+            except StopIteration as done:
+                return _Settled(done.value)
+            except IdPError as exc:
+                return _Settled(error=exc)
+            # Let go of the question and of the future it waits on (the IdP cache's shielded
+            # fetch goes on; cancelled, the future does not log an exception nobody retrieved).
+            query.close()
+            if isinstance(waiting_on, asyncio.Future):
+                waiting_on.cancel()
+            raise _WouldWait
+        return at_once
+
+
 class PolicyService:
     """Answers framed requests (mailcloak.unixserver): from the memo, or worked out at once when
-    only the snapshot and the static provider are asked, or in a task when a remote IdP is."""
+    the snapshot and the IdP's memory answer it, or in a task when the IdP must be asked."""
 
     name = "policy"
 
@@ -108,14 +162,18 @@ class PolicyService:
         kept = self._memo.entries_for(runtime, snapshot).get(key)
         if kept is not None:
             return self._reply(kept, request, started)
+        idp = _AtOnce(runtime.idp)
+        evaluation = self._evaluate(deciding(key), runtime, snapshot, idp)
+        try:
+            evaluation.send(None)
+        except StopIteration as done:  # no task, no timer
+            return self._reply(self._keep(runtime, snapshot, key, done.value, idp), request, started)
+        except _WouldWait:
+            pass
+        else:  # it waits on something other than an IdP question (none does today)
+            evaluation.close()
         idp = _Watched(runtime.idp)
         evaluation = self._evaluate(deciding(key), runtime, snapshot, idp)
-        if runtime.idp.name == "static":  # answers from memory: no task, no timer
-            try:
-                waiting_on = evaluation.send(None)
-            except StopIteration as done:
-                return self._reply(self._keep(runtime, snapshot, key, done.value, idp), request, started)
-            evaluation = Resume(evaluation, waiting_on)  # it waits after all: go on in a task
         return self._answer_later(evaluation, runtime, snapshot, key, idp, request, started)
 
     async def _answer_later(self, evaluation, runtime: Runtime, snapshot: Snapshot | None, key: tuple,

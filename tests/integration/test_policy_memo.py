@@ -109,3 +109,23 @@ async def test_a_remote_idp_answer_is_not_kept_past_its_ttl(tmp_path, go_db, key
     finally:
         await idp.close()
         await store.close()
+
+
+async def test_a_warm_idp_cache_answers_at_once_a_cold_one_in_a_task(tmp_path, go_db, keycloak_standin):
+    config = load_config(write_config(tmp_path))
+    store = await SQLiteStore.open(config.sqlite)
+    state = StateCache(store)
+    await state.load()
+    idp = KeycloakProvider(config_for(keycloak_standin, cache_ttl_seconds=60))
+    try:
+        policy = PolicyService(RuntimeRef(Runtime(config, idp, state)), Metrics())
+        cold = policy.respond(lines_of(**UNAUTH))  # alice@d1.test: a question for the IdP
+        assert not isinstance(cold, bytes)
+        assert await cold == b"action=DUNNO\n\n"
+        # not memoised (it asked the IdP), but the IdP cache answers it without a wait
+        assert policy.respond(lines_of(**UNAUTH, client_address="192.0.2.9")) == b"action=DUNNO\n\n"
+        assert len(policy._memo) == 0
+        assert keycloak_standin.counts["users"] == 1 and keycloak_standin.counts["token"] == 1
+    finally:
+        await idp.close()
+        await store.close()
