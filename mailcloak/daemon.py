@@ -26,7 +26,6 @@ from mailcloak.errors import MailcloakError
 from mailcloak.http.app import PASSDB, setup_http
 from mailcloak.idp import build_provider
 from mailcloak.metrics import Metrics, daemon_families
-from mailcloak.policy.codec import MAX_LINE
 from mailcloak.policy.server import PolicyService
 from mailcloak.privileges import drop_privileges
 from mailcloak.runtime import Runtime, RuntimeRef
@@ -65,11 +64,10 @@ async def _unix_servers_ctx(app: web.Application) -> AsyncIterator[None]:
     ref = app[RUNTIME]
     owner = resolve_owner(sockets)
     servers = [
-        UnixServer("policy", sockets.policy_socket, PolicyService(ref, app[METRICS]).handle, mode=sockets.mode,
-                   owner=owner, max_connections=sockets.max_connections, stream_limit=MAX_LINE + 1),
-        UnixServer("socketmap", sockets.socketmap_socket, SocketmapService(ref, app[METRICS]).handle,
-                   mode=sockets.mode, owner=owner, max_connections=sockets.max_connections,
-                   stream_limit=64 * 1024),
+        UnixServer(PolicyService(ref, app[METRICS]), sockets.policy_socket, mode=sockets.mode,
+                   owner=owner, max_connections=sockets.max_connections),
+        UnixServer(SocketmapService(ref, app[METRICS]), sockets.socketmap_socket, mode=sockets.mode,
+                   owner=owner, max_connections=sockets.max_connections),
     ]
     app[SERVERS] = servers
     passdb_counters = app[PASSDB].authenticator.counters

@@ -44,9 +44,10 @@ class StateCache:
 
     async def load(self) -> None:
         """Load now; raises StoreError (used at start-up, where failing is right)."""
-        rows = await self._store.load()
-        rows = await _checked_rows(rows, self.snapshot)
-        self.snapshot = Snapshot.from_rows(rows, self._extra, await _alias_index(rows))
+        previous = self.snapshot
+        rows = await self._store.load(reuse=previous.aliases if previous is not None else None)
+        rows, index = await _checked_rows(rows, previous)
+        self.snapshot = Snapshot.from_rows(rows, self._extra, index)
         self.loaded_at = time.monotonic()
         self.last_error = None
 
@@ -100,40 +101,30 @@ class StateCache:
 
 # Aliases handled between two turns of the event loop while a snapshot is built, so that requests
 # are not held up by a reload of a large database.
-SLICE = 2000
+SLICE = 500
 
 
-async def _checked_rows(rows: Rows, previous: Snapshot | None) -> Rows:
-    """`_safe_rows(rows)`, checking only aliases that changed since the `previous` snapshot: the
-    checks are a function of the row alone, and an unchanged row in it passed them already."""
-    if previous is None:
-        return _safe_rows(rows)
-    known = previous.aliases
-    unchanged: set[int] = set()
+async def _checked_rows(rows: Rows, previous: Snapshot | None) -> tuple[Rows, dict]:
+    """`_safe_rows(rows)` and its aliases by lower-case address (as `Snapshot.from_rows` makes
+    it), in one pass and in slices. Only aliases that changed since the `previous` snapshot are
+    checked: the checks are a function of the row alone, and an unchanged row (the store gives
+    its object of the previous load again) passed them already."""
+    known = previous.aliases if previous is not None else {}
+    index = {}
     changed = []
     for n, alias in enumerate(rows.aliases, 1):
-        if known.get(alias.address) == alias:
-            unchanged.add(id(alias))
-        else:
+        address = alias.address
+        if known.get(address) is not alias:
             changed.append(alias)
+        index[address if address.islower() else address.lower()] = alias
         if n % SLICE == 0:
             await asyncio.sleep(0)
     checked = _safe_rows(Rows(rows.domains, tuple(changed), rows.apps))
     if len(checked.aliases) == len(changed):
-        return rows
-    keep = unchanged.union(map(id, checked.aliases))
-    return Rows(rows.domains, tuple(a for a in rows.aliases if id(a) in keep), rows.apps)
-
-
-async def _alias_index(rows: Rows) -> dict:
-    """`rows.aliases` by lower-case address (as `Snapshot.from_rows` makes it), in slices."""
-    index = {}
-    for n, alias in enumerate(rows.aliases, 1):
-        address = alias.address
-        index[address if address.islower() else address.lower()] = alias
-        if n % SLICE == 0:
-            await asyncio.sleep(0)
-    return index
+        return rows, index
+    unsafe = set(map(id, changed)).difference(map(id, checked.aliases))
+    rows = Rows(rows.domains, tuple(a for a in rows.aliases if id(a) not in unsafe), rows.apps)
+    return rows, {a.address.lower(): a for a in rows.aliases}
 
 
 def _safe_rows(rows: Rows) -> Rows:

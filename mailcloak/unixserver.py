@@ -6,8 +6,8 @@
 - A cap on connections served at once; one log line when it is reached and one when it clears.
 - Graceful stop: stop accepting, close idle connections at once, let busy ones finish their
   request within a bound, then remove the socket file where the folder allows it.
-- Peers that do not read their answers: a write that cannot drain within the request timeout
-  cuts the connection off (`Connection.drain`), a deadline closes at once even with answers
+- Peers that do not read their answers: answers left unread for the request timeout cut the
+  connection off (`Connection.pause_writing`), a deadline closes at once even with answers
   still queued (`Connection.close_now`), and a closed connection gets CLOSE_GRACE_SECONDS to
   flush them; so no such peer holds a socket open for ever, inside or outside the cap.
 """
@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import grp
@@ -23,11 +24,10 @@ import os
 import pwd
 import socket
 import stat
-from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Protocol
 
 from mailcloak.config import SocketsConfig
-from mailcloak.errors import ConfigError, MailcloakError
+from mailcloak.errors import ConfigError, MailcloakError, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -36,45 +36,212 @@ class SocketInUse(MailcloakError):
     """Another process answers on the socket path, or the path is not a socket."""
 
 
-@dataclass(eq=False)
-class Connection:
-    """One client connection; the service marks it busy while it handles a request."""
-
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    busy: bool = False
-    closing: bool = False
-    task: asyncio.Task | None = field(default=None, repr=False)
-
-    async def drain(self, timeout: float) -> None:
-        """`writer.drain()`, bounded. A client that pipelines requests and never reads the answers
-        would otherwise hold the handler (and a connection slot) in drain() for ever: it is cut
-        off after `timeout` seconds. Free while the kernel takes the answers (nothing buffered)."""
-        if not self.writer.transport.get_write_buffer_size():
-            return
-        try:
-            async with asyncio.timeout(timeout):
-                await self.writer.drain()
-        except TimeoutError:
-            log.warning("closing a connection whose client has not read its answers for %gs", timeout)
-            # abort(), not close(): close() would wait for the unread answers to be flushed
-            self.writer.transport.abort()
-            raise ConnectionAbortedError("client does not read its answers") from None
-
-    def close_now(self) -> None:
-        """Close after a deadline passed; a pending read then sees EOF. With answers still queued
-        (the peer is not reading them) close() would wait for them to be flushed, for ever, and
-        the read would never end: abort() then."""
-        if self.writer.transport.get_write_buffer_size():
-            self.writer.transport.abort()
-        else:
-            self.writer.close()
-
-
-Handler = Callable[[Connection], Awaitable[None]]
-
 # How long a closed connection may take to flush the answers already written to its peer.
 CLOSE_GRACE_SECONDS = 2.0
+
+
+class Service(Protocol):
+    """What a Postfix-facing service gives the server: framing, answers and what it logs."""
+
+    name: str
+
+    @property
+    def sockets(self) -> SocketsConfig:
+        """The socket settings in force (read once per connection)."""
+
+    def framer(self) -> Framer: ...
+
+    def respond(self, request) -> bytes | Awaitable[bytes]:
+        """The framed answer; an awaitable when it must wait (for the IdP), then run in a task."""
+
+    def protocol_error(self, exc: ProtocolError) -> None:
+        """A peer broke the protocol or a bound; the connection is closed after this."""
+
+    def expired(self, mid_request: bool) -> None:
+        """A connection idle too long (or, `mid_request`, a request not completed in time)."""
+
+
+class Framer(Protocol):
+    pending: int  # bytes received that do not yet form a whole request
+    # a bound broken after whole requests in the same bytes: they are answered, then it closes
+    broken: ProtocolError | None
+
+    def feed(self, data: bytes) -> list: ...
+
+
+class Connection(asyncio.Protocol):
+    """One client connection, framing requests as bytes arrive (no reader task, no await per
+    request). One request is answered at a time, in order: requests that arrived together are
+    queued, and reading pauses while an answer is awaited in a task or while the peer does not
+    read its answers (the kernel's socket buffer then pushes back on it). An answer available at
+    once is written from `data_received` itself.
+
+    Bounds: idle_timeout between requests and request_timeout for a request to arrive whole
+    (one ReadDeadline), request_timeout for a peer to take answers it left unread, then abort.
+    """
+
+    def __init__(self, server: UnixServer):
+        self._server = server
+        self._service = server.service
+        self._sockets = server.service.sockets
+        self._loop = asyncio.get_running_loop()
+        self._framer = self._service.framer()
+        self._queue: collections.deque = collections.deque()
+        self._deadline = ReadDeadline(self._loop, self._expire)
+        self._started = 0.0  # when the request now arriving began
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._write_paused = False
+        self._eof = False
+        self.transport: asyncio.Transport | None = None
+        self.task: asyncio.Task | None = None  # an answer being awaited
+        self.closing = False
+
+    @property
+    def busy(self) -> bool:
+        return self.task is not None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if not self._server.admit(self):
+            self._deadline.stop()
+            transport.close()
+            return
+        self._wait()
+
+    def data_received(self, data: bytes) -> None:
+        framer = self._framer
+        fresh = not framer.pending
+        try:
+            requests = framer.feed(data)
+        except ProtocolError as exc:
+            self._service.protocol_error(exc)
+            self.close()
+            return
+        if requests:
+            fresh = True
+            self._queue.extend(requests)
+            self._serve()
+        if framer.pending and fresh:
+            self._started = self._loop.time()
+        if not self._queue and self.task is None:
+            self._wait()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        if self.task is None and not self._queue:
+            self._finish()
+        return True  # keep the transport open for the answers still to write
+
+    def _serve(self) -> None:
+        """Answer queued requests in order while none is awaited and the peer takes its answers."""
+        queue, respond, transport = self._queue, self._service.respond, self.transport
+        while queue and self.task is None and not self._write_paused and not self.closing:
+            try:
+                reply = respond(queue.popleft())
+            except Exception:  # a bug must cost one connection, never the daemon
+                log.exception("%s: unexpected error on a connection", self._service.name)
+                transport.abort()
+                return
+            if type(reply) is bytes:
+                transport.write(reply)
+            else:
+                self._deadline.done()
+                transport.pause_reading()
+                self.task = self._loop.create_task(self._answer_later(reply))
+                return
+        if self.closing or self._eof or self._framer.broken is not None:
+            if not self._queue and self.task is None:
+                self._finish()
+
+    async def _answer_later(self, pending: Awaitable[bytes]) -> None:
+        try:
+            reply = await pending
+        except asyncio.CancelledError:  # cut off at shutdown
+            self.transport.abort()
+            return
+        except Exception:  # noqa: BLE001 - a bug must cost one connection, never the daemon
+            log.exception("%s: unexpected error on a connection", self._service.name)
+            self.transport.abort()
+            return
+        finally:
+            self.task = None
+        if self.transport.is_closing():
+            return
+        self.transport.write(reply)
+        self._serve()
+        if self.task is None and not self._write_paused and not self.transport.is_closing():
+            self.transport.resume_reading()
+            self._wait()
+
+    def _wait(self) -> None:
+        """Bound the wait for what comes next: a request to start (idle) or to end (slow peer)."""
+        if self.transport.is_closing():
+            return
+        if self._framer.pending:
+            self._deadline.reading_until(self._started + self._sockets.request_timeout_seconds)
+        else:
+            self._deadline.reading_until(self._loop.time() + self._sockets.idle_timeout_seconds)
+
+    def _finish(self) -> None:
+        """End of input, a broken bound or shutdown: close, and say so when a request was cut short."""
+        if self._framer.broken is not None:
+            self._service.protocol_error(self._framer.broken)
+        elif self._eof and self._framer.pending and not self.closing:
+            self._service.protocol_error(ProtocolError("connection closed in the middle of a request"))
+        self.close()
+
+    def _expire(self) -> None:
+        self._service.expired(bool(self._framer.pending))
+        self.close_now()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._deadline.done()
+        self.transport.pause_reading()
+        self._write_timer = self._loop.call_later(self._sockets.request_timeout_seconds, self._unread)
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+        self._serve()
+        if self.task is None and not self._write_paused and not self.transport.is_closing():
+            self.transport.resume_reading()
+            self._wait()
+
+    def _unread(self) -> None:
+        log.warning("%s: closing a connection whose client has not read its answers for %gs",
+                    self._service.name, self._sockets.request_timeout_seconds)
+        # abort(), not close(): close() would wait for the unread answers to be flushed
+        self.transport.abort()
+
+    def close(self) -> None:
+        """Close once the answers written are flushed; a peer that does not take them within
+        CLOSE_GRACE_SECONDS is cut off (close() alone would wait for it for ever)."""
+        self._deadline.stop()
+        if self.transport.is_closing():
+            return
+        self.transport.close()
+        if self.transport.get_write_buffer_size():
+            self._close_timer = self._loop.call_later(CLOSE_GRACE_SECONDS, self.transport.abort)
+
+    def close_now(self) -> None:
+        """Close after a deadline passed, dropping answers the peer has not taken."""
+        self._deadline.stop()
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()
+        else:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._deadline.stop()
+        for timer in (self._write_timer, self._close_timer):
+            if timer is not None:
+                timer.cancel()
+        self._queue.clear()
+        self._server.release(self)
 
 
 class ReadDeadline:
@@ -196,19 +363,19 @@ def _clear_stale(path: str) -> None:
 
 
 class UnixServer:
-    def __init__(self, name: str, path: str, handler: Handler, *, mode: int,
-                 owner: tuple[int, int], max_connections: int, stream_limit: int):
-        self.name = name
+    def __init__(self, service: Service, path: str, *, mode: int, owner: tuple[int, int],
+                 max_connections: int):
+        self.service = service
+        self.name = service.name
         self.path = path
-        self._handler = handler
         self._mode = mode
-        self._owner = owner
         self._max_connections = max_connections
-        self._stream_limit = stream_limit
+        self._owner = owner
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[Connection] = set()
         self._at_capacity = False
         self._inode: int | None = None
+        self._all_closed: asyncio.Future | None = None
 
     @property
     def open_connections(self) -> int:
@@ -217,58 +384,47 @@ class UnixServer:
     async def start(self) -> None:
         sock = bind_unix_socket(self.path, self._mode, self._owner)
         self._inode = os.stat(self.path).st_ino
-        self._server = await asyncio.start_unix_server(
-            self._on_connect, sock=sock, limit=self._stream_limit
-        )
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: Connection(self), sock=sock)
         log.info("%s listening on %s", self.name, self.path)
 
     @property
     def listening(self) -> bool:
         return self._server is not None and self._server.is_serving()
 
-    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def admit(self, conn: Connection) -> bool:
+        """Count a new connection in, or refuse it at the cap (one log line until it clears)."""
         if len(self._connections) >= self._max_connections:
             if not self._at_capacity:
                 self._at_capacity = True
                 log.warning("%s: %d connections open, the sockets.max_connections cap; "
                             "refusing new ones until some close", self.name, self._max_connections)
-            writer.close()
-            return
-        conn = Connection(reader, writer, task=asyncio.current_task())
+            return False
         self._connections.add(conn)
-        try:
-            await self._handler(conn)
-        except asyncio.CancelledError:
-            pass
-        except ConnectionError:
-            pass
-        except Exception:  # a bug must cost one connection, never the daemon
-            log.exception("%s: unexpected error on a connection", self.name)
-        finally:
-            self._connections.discard(conn)
-            if self._at_capacity and len(self._connections) < self._max_connections:
-                self._at_capacity = False
-                log.info("%s: below the connection cap again", self.name)
-            writer.close()
-            try:
-                async with asyncio.timeout(CLOSE_GRACE_SECONDS):
-                    await writer.wait_closed()
-            except TimeoutError:
-                # Answers still unsent and a peer that does not read them: close() would wait for
-                # them for ever, keeping the socket open outside the connection cap.
-                writer.transport.abort()
-            except Exception:  # noqa: BLE001 - the connection is gone either way
-                pass
+        return True
+
+    def release(self, conn: Connection) -> None:
+        if conn not in self._connections:
+            return
+        self._connections.discard(conn)
+        if self._at_capacity and len(self._connections) < self._max_connections:
+            self._at_capacity = False
+            log.info("%s: below the connection cap again", self.name)
+        if not self._connections and self._all_closed is not None and not self._all_closed.done():
+            self._all_closed.set_result(None)
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, close idle connections, give busy ones `grace` seconds, unlink."""
         if self._server is None:
             return
         self._server.close()
+        self._all_closed = asyncio.get_running_loop().create_future()
+        if not self._connections:
+            self._all_closed.set_result(None)
         for conn in list(self._connections):
             conn.closing = True
-            if not conn.busy and conn.task is not None:
-                conn.task.cancel()
+            if not conn.busy:
+                conn.close()
         busy = [c.task for c in self._connections if c.task is not None]
         if busy:
             done, pending = await asyncio.wait(busy, timeout=grace)
@@ -277,6 +433,8 @@ class UnixServer:
             if pending:
                 log.warning("%s: %d request(s) cut off at shutdown", self.name, len(pending))
                 await asyncio.wait(pending, timeout=1)
+        # the answers written are flushed (or cut off after CLOSE_GRACE_SECONDS)
+        await asyncio.wait([self._all_closed], timeout=CLOSE_GRACE_SECONDS + 0.5)
         self._server = None
         self._remove_socket_file()
 

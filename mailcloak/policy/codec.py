@@ -1,6 +1,6 @@
 """Postfix policy delegation wire format: `name=value` lines ending with an empty line.
 
-Reading is bounded (line length, attribute count, request size); a peer that breaks a bound is
+Framing is bounded (line length, attribute count, request size); a peer that breaks a bound is
 cut off with ProtocolError, as SMTPD_POLICY_README asks ("log a warning and disconnect"). A
 request that arrives whole but is not a valid policy request is returned as MalformedRequest, so
 the server can answer it with DEFER_IF_PERMIT and keep the connection.
@@ -8,13 +8,11 @@ the server can answer it with DEFER_IF_PERMIT and keep the connection.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Callable, Mapping
+from typing import Mapping
 
-from mailcloak.aio import Resume
 from mailcloak.errors import ProtocolError
 
 # Postfix's own bound is 4 x line_length_limit (2048) = 8192 bytes per string.
@@ -56,102 +54,140 @@ class PolicyRequest:
         return bool(get("sasl_method") or get("sasl_username"))
 
 
+    def decision_key(self) -> tuple[str, ...]:
+        """The attributes the policy decision may read, normalised: see DECIDING."""
+        get = self.attributes.get
+        return tuple(normalise(get(name, "")) for name, normalise in DECIDING.items())
+
+
+# The attributes the policy decision reads, each with the normalisation its rules apply (the
+# properties above). Facts and decision are given a request holding these alone (`deciding`), so
+# that the decision is a function of `decision_key()`, the snapshot and the runtime by
+# construction, and can be memoised under that key. A rule that needs another attribute (say
+# client_address) adds it here, and the key then includes it.
+DECIDING = {
+    "protocol_state": str.upper,
+    "sender": str.lower,
+    "recipient": str.lower,
+    "sasl_method": str.upper,
+    "sasl_username": str,
+}
+
+
+def deciding(key: tuple[str, ...]) -> PolicyRequest:
+    """The request the decision sees for `key` (a `decision_key()`)."""
+    return PolicyRequest(MappingProxyType(dict(zip(DECIDING, key))))
+
+
 @dataclass(frozen=True, slots=True)
 class MalformedRequest:
     reason: str
 
 
-async def read_request_lines(reader: asyncio.StreamReader, first_line_timeout: float | None,
-                             request_timeout: float,
-                             on_first_line: Callable[[], None] | None = None) -> list[bytes] | None:
-    """Read one request's lines (without newlines). None on a clean EOF between requests.
+class RequestFramer:
+    """Frames requests as their bytes arrive (`feed`), within the bounds above.
 
-    `first_line_timeout` bounds the wait for a request to start (idle connections); once it has
-    started, the whole request must arrive within `request_timeout` (slow clients). A caller that
-    bounds the wait itself passes None and learns from `on_first_line` when the request started.
-
-    A request whose first line ends in CRLF is read line by line (`_read_lines`). One whose first
-    line ends in LF alone (Postfix's) is LF-framed: it is read as one block up to the first empty
-    LF line, and its lines are checked against the same bounds afterwards — one `readuntil`
-    instead of one per line, the difference between this service and the floor in bench/. In an
-    LF-framed request a line holding only CR is a (malformed) line, not the end of the request, so
-    nothing past the request is ever consumed.
+    A request ends at the first empty line. When its first line ends in CRLF, a line holding only
+    CR ends it too (clients that send CRLF); when it ends in LF alone (Postfix), only an empty LF
+    line does, and a CR-only line inside it is a (malformed) line. One CR ending a line is dropped.
+    Empty lines between requests ask nothing and are skipped. A request still arriving is checked
+    against the bounds as it grows, each byte once, so that a peer breaking one is cut off at once.
     """
-    if first_line_timeout is None:
-        raw = await _read_first_line(reader)
-    else:
+
+    __slots__ = ("_buffer", "_checked", "_lines", "broken")
+
+    def __init__(self):
+        self._buffer = b""
+        self._checked = 0  # bytes of the pending request already checked against the bounds
+        self._lines = 0  # complete lines among them
+        # A bound broken after requests that came whole in the same bytes: those are answered
+        # first, then the connection is closed with this.
+        self.broken: ProtocolError | None = None
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not yet form a whole request."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[list[bytes]]:
+        """Add received bytes; every request now complete, as its lines (without newlines)."""
+        if self.broken is not None:
+            raise self.broken
+        buffer = self._buffer + data if self._buffer else data
+        requests = []
+        start = 0
         try:
-            async with asyncio.timeout(first_line_timeout):
-                raw = await _read_first_line(reader)
-        except TimeoutError:
-            raise ProtocolError("idle timeout") from None
-    if on_first_line is not None:
-        on_first_line()
-    if raw is None:
-        return None
-    first = raw[:-1].removesuffix(b"\r")
-    if raw[-2:] == b"\r\n":
-        rest = _read_lines(reader, [first], len(first))
-    else:
-        rest = _read_block(reader, first)
-    try:
-        waiting_on = rest.send(None)  # the rest has usually arrived with the first line: no timer
-    except StopIteration as done:
-        return done.value
-    try:
-        async with asyncio.timeout(request_timeout):
-            return await Resume(rest, waiting_on)
-    except TimeoutError:
-        raise ProtocolError("request not completed in time") from None
+            while True:
+                lines, start = _take_request(buffer, start)
+                if lines is None:
+                    break
+                requests.append(lines)
+            if requests or start:
+                self._checked = self._lines = 0
+            rest = buffer[start:] if start else buffer
+            if rest:
+                self._check_partial(rest)
+        except ProtocolError as exc:
+            if not requests:
+                raise
+            self.broken, self._buffer = exc, b""
+            return requests
+        self._buffer = rest
+        return requests
 
-
-async def _read_lines(reader: asyncio.StreamReader, lines: list[bytes], size: int,
-                      prefix: bytes = b"") -> list[bytes]:
-    """The rest of a request line by line; `prefix` is the start of the next line, already read."""
-    while True:
-        if len(lines) > MAX_ATTRIBUTES:
+    def _check_partial(self, rest: bytes) -> None:
+        pos, count = self._checked, self._lines
+        while (newline := rest.find(b"\n", pos)) >= 0:
+            if newline - pos >= MAX_LINE:
+                raise ProtocolError(f"line longer than {MAX_LINE} bytes")
+            count += 1
+            pos = newline + 1
+        if len(rest) - pos >= MAX_LINE:
+            raise ProtocolError(f"line longer than {MAX_LINE} bytes")
+        if count > MAX_ATTRIBUTES:
             raise ProtocolError(f"more than {MAX_ATTRIBUTES} attributes")
-        raw = await _read_raw_line(reader, prefix)
-        prefix = b""
-        if raw is None:
-            raise ProtocolError("connection closed in the middle of a request")
-        line = raw[:-1].removesuffix(b"\r")
-        size += len(line) + 1
-        if size > MAX_REQUEST:
+        if len(rest) > MAX_REQUEST:
             raise ProtocolError(f"request larger than {MAX_REQUEST} bytes")
-        if not line:
-            return lines
-        lines.append(line)
+        self._checked, self._lines = pos, count
 
 
-async def _read_block(reader: asyncio.StreamReader, first: bytes) -> list[bytes]:
-    """The rest of a request whose first line ended in LF: up to the first empty line at once."""
-    try:
-        probe = await reader.readexactly(1)  # the empty line may follow at once
-    except asyncio.IncompleteReadError:
-        raise ProtocolError("connection closed in the middle of a request") from None
-    if probe == b"\n":
-        return [first]
-    try:
-        block = probe + await reader.readuntil(b"\n\n")
-    except asyncio.LimitOverrunError:  # longer than the reader's limit: line by line
-        return await _read_lines(reader, [first], len(first), probe)
-    except asyncio.IncompleteReadError:
-        raise ProtocolError("connection closed in the middle of a request") from None
-    if (len(block) <= MAX_LINE and len(first) + len(block) <= MAX_REQUEST
-            and b"\r" not in block):
-        lines = block[:-2].split(b"\n")
-        if len(lines) < MAX_ATTRIBUTES:
-            lines.insert(0, first)
-            return lines
-    return _from_block(block, first)
+def _take_request(data: bytes, start: int) -> tuple[list[bytes] | None, int]:
+    """The lines of the request starting at `start` and where the next begins; (None, start of
+    the request still arriving) if it is not complete."""
+    while True:  # a stray empty line between requests asks nothing
+        if data.startswith(b"\n", start):
+            start += 1
+        elif data.startswith(b"\r\n", start):
+            start += 2
+        else:
+            break
+    first_end = data.find(b"\n", start)
+    if first_end < 0:
+        return None, start
+    if data[first_end - 1] == 13:  # CR: CRLF-framed
+        lf, crlf = data.find(b"\n\n", first_end), data.find(b"\n\r\n", first_end)
+        if crlf >= 0 and (lf < 0 or crlf < lf):
+            return _checked_lines(data[start:crlf]), crlf + 3
+        if lf < 0:
+            return None, start
+    else:
+        lf = data.find(b"\n\n", first_end)
+        if lf < 0:
+            return None, start
+        if lf + 2 - start <= MAX_LINE:  # no line can be too long: the usual request
+            body = data[start:lf]
+            if b"\r" not in body:
+                lines = body.split(b"\n")
+                if len(lines) <= MAX_ATTRIBUTES:
+                    return lines, lf + 2
+    return _checked_lines(data[start:lf]), lf + 2
 
 
-def _from_block(block: bytes, first: bytes) -> list[bytes]:
-    """The lines of an LF-framed block (ending in the empty line), checked against the bounds."""
-    lines = [first]
-    size = len(first)
-    for raw in block[:-2].split(b"\n"):
+def _checked_lines(body: bytes) -> list[bytes]:
+    """The lines of a whole request (without its empty line), checked against the bounds."""
+    lines = []
+    size = 0
+    for raw in body.split(b"\n"):
         if len(raw) + 1 > MAX_LINE:
             raise ProtocolError(f"line longer than {MAX_LINE} bytes")
         line = raw.removesuffix(b"\r")
@@ -162,28 +198,6 @@ def _from_block(block: bytes, first: bytes) -> list[bytes]:
         if len(lines) > MAX_ATTRIBUTES:
             raise ProtocolError(f"more than {MAX_ATTRIBUTES} attributes")
     return lines
-
-
-async def _read_first_line(reader: asyncio.StreamReader) -> bytes | None:
-    raw = await _read_raw_line(reader)
-    while raw == b"\n" or raw == b"\r\n":  # a stray empty line between requests asks nothing
-        raw = await _read_raw_line(reader)
-    return raw
-
-
-async def _read_raw_line(reader: asyncio.StreamReader, prefix: bytes = b"") -> bytes | None:
-    """One line with its newline; None on EOF before any byte of it."""
-    try:
-        line = prefix + await reader.readuntil(b"\n")
-    except asyncio.IncompleteReadError as exc:
-        if exc.partial or prefix:
-            raise ProtocolError("connection closed in the middle of a request") from None
-        return None
-    except asyncio.LimitOverrunError:
-        raise ProtocolError(f"line longer than {MAX_LINE} bytes") from None
-    if len(line) > MAX_LINE:
-        raise ProtocolError(f"line longer than {MAX_LINE} bytes")
-    return line
 
 
 def parse_request(lines: list[bytes]) -> PolicyRequest | MalformedRequest:

@@ -10,6 +10,7 @@ or runs out of time becomes UNAVAILABLE, and the decision applies `idp_failure_m
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 from mailcloak.addresses import domain_of, split_extension
@@ -43,7 +44,7 @@ async def gather_facts(request: PolicyRequest, snapshot: Snapshot, idp: Identity
                 or snapshot.catch_all(domain_of(recipient))):
             recipient_exists = True
         else:
-            exists_query = _exists(idp, recipient_base)
+            exists_query = functools.partial(_exists, idp, recipient_base)
 
     method = request.sasl_method
     login_query = None
@@ -52,12 +53,12 @@ async def gather_facts(request: PolicyRequest, snapshot: Snapshot, idp: Identity
     alias_senders: tuple[str, ...] = ()
     if request.authenticated:
         if method in USER_METHODS and request.sasl_username:
-            login_query = idp.user_by_login(request.sasl_username)
+            login_query = functools.partial(idp.user_by_login, request.sasl_username)
             alias = snapshot.active_alias(sender) or snapshot.active_alias(sender_base)
             if alias is not None:
                 alias_senders = alias.sender_users
             elif idp.lists_enabled and sender_local:
-                list_query = _list_senders(idp, sender_base)
+                list_query = functools.partial(_list_senders, idp, sender_base)
         elif method in APP_METHODS:
             app = snapshot.app(request.sasl_username)
 
@@ -96,8 +97,10 @@ async def _list_senders(idp: IdentityProvider, address: str) -> tuple[str, ...]:
 async def _answers(queries, deadline: float) -> list:
     """The answers of IdP questions (None: not asked → None), concurrently, each UNAVAILABLE
     when it fails or is not answered by `deadline`. A question answered from memory costs no
-    task and no timer (see `_at_once`)."""
-    answers = [_at_once(q) if q is not None else None for q in queries]
+    task and no timer (see `_at_once`). Questions come as functions that make the coroutine, so
+    that none is made before it is run: a caller that stops this attempt part-way (the policy
+    server's `_WouldWait`) leaves no coroutine behind that was never awaited."""
+    answers = [_at_once(q()) if q is not None else None for q in queries]
     waiting = [i for i, answer in enumerate(answers) if type(answer) is Resume]
     if len(waiting) == 1:
         answers[waiting[0]] = await _ask(answers[waiting[0]], deadline)

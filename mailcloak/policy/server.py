@@ -4,36 +4,202 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Awaitable
 
-from mailcloak.errors import ProtocolError
-from mailcloak.metrics import Metrics
-from mailcloak.policy.codec import MalformedRequest, PolicyRequest, encode_reply, parse_request, read_request_lines
+from mailcloak.config import SocketsConfig
+from mailcloak.errors import IdPError, ProtocolError
+from mailcloak.idp.base import IdentityProvider
+from mailcloak.memo import SnapshotMemo
+from mailcloak.metrics import Metrics, action_class
+from mailcloak.policy.codec import (MalformedRequest, PolicyRequest, RequestFramer, deciding, encode_reply,
+                                    parse_request)
 from mailcloak.policy.decision import INTERNAL_TEMPFAIL, MALFORMED, Decision, decide
 from mailcloak.policy.facts import gather_facts
-from mailcloak.runtime import RuntimeRef
-from mailcloak.unixserver import Connection, ReadDeadline
+from mailcloak.runtime import Runtime, RuntimeRef
+from mailcloak.store.model import Snapshot
 
 log = logging.getLogger(__name__)
 
 DECISION_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO}
 
+# Decisions kept per snapshot and runtime (mailcloak.memo) under the request's `decision_key()`:
+# facts and decision see nothing else (codec.DECIDING), so a kept decision is right for as long
+# as snapshot and runtime stay in force. No rule of SPEC §6 reads the clock or client_address
+# (app expiry and networks are checked by the passdb); a rule that came to would add the
+# attribute to DECIDING, and a clock-reading one would need the time (or a bucket of it) in the
+# key. A decision that asked a remote IdP is not kept (its answer has the IdP cache's TTL).
+MEMO_SIZE = 8192
+
+
+class _Watched:
+    """The IdP as `gather_facts` sees it, noting whether it was asked anything: a decision that
+    used a remote IdP's answer must not outlive that answer's TTL, so it is not memoised."""
+
+    __slots__ = ("idp", "asked")
+
+    def __init__(self, idp: IdentityProvider):
+        self.idp = idp
+        self.asked = False
+
+    def __getattr__(self, name: str):
+        attribute = getattr(self.idp, name)
+        if callable(attribute):  # a question; a plain attribute (lists_enabled) is no answer
+            self.asked = True
+        return attribute
+
+
+class _WouldWait(Exception):
+    """An IdP question cannot be answered from memory: the decision is made in a task."""
+
+
+class _Settled:
+    """An IdP question answered at once, as an awaitable that gives that answer (or raises its
+    IdPError), also when run by hand (`send`), as `facts._at_once` does."""
+
+    __slots__ = ("value", "error")
+
+    def __init__(self, value=None, error: IdPError | None = None):
+        self.value, self.error = value, error
+
+    def send(self, _):
+        if self.error is not None:
+            raise self.error
+        raise StopIteration(self.value)
+
+    def __await__(self):
+        if self.error is not None:
+            raise self.error
+        return self.value
+        yield  # a generator that never waits
+
+
+class _AtOnce(_Watched):
+    """The IdP for a decision tried outside a task, in `data_received`: a question is run up to
+    its first wait when it is asked. Answered from memory (a warm cache, the static provider), it
+    is handed back answered; if it would wait, the attempt stops (`_WouldWait`) and the decision
+    is made again in a task, where the question, still in flight in the IdP cache (its fetch is a
+    task of its own), is awaited under the request's deadline."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str):
+        method = getattr(self.idp, name)
+        if not callable(method):
+            return method
+        self.asked = True
+
+        def at_once(*args):
+            query = method(*args)
+            try:
+                waiting_on = query.send(None)
+            except StopIteration as done:
+                return _Settled(done.value)
+            except IdPError as exc:
+                return _Settled(error=exc)
+            # Let go of the question and of the future it waits on (the IdP cache's shielded
+            # fetch goes on; cancelled, the future does not log an exception nobody retrieved).
+            query.close()
+            if isinstance(waiting_on, asyncio.Future):
+                waiting_on.cancel()
+            raise _WouldWait
+        return at_once
+
 
 class PolicyService:
+    """Answers framed requests (mailcloak.unixserver): from the memo, or worked out at once when
+    the snapshot and the IdP's memory answer it, or in a task when the IdP must be asked."""
+
+    name = "policy"
+
     def __init__(self, ref: RuntimeRef, metrics: Metrics):
         self._ref = ref
         self._metrics = metrics
+        self._decisions = metrics.policy_decisions
         self._latency = metrics.request_seconds.labels("policy")
+        self._memo = SnapshotMemo(MEMO_SIZE)
+
+    @property
+    def sockets(self) -> SocketsConfig:
+        return self._ref.current.config.sockets
+
+    @staticmethod
+    def framer() -> RequestFramer:
+        return RequestFramer()
+
+    def protocol_error(self, exc: ProtocolError) -> None:
+        log.warning("policy: closing connection: %s", exc)
+        self._metrics.protocol_errors["policy"] += 1
+
+    def expired(self, mid_request: bool) -> None:
+        if mid_request:
+            self.protocol_error(ProtocolError("request not completed in time"))
+        else:
+            log.warning("policy: closing connection: idle timeout")
 
     async def evaluate(self, request: PolicyRequest) -> Decision:
         """Facts, then the pure decision. Always returns within the configured deadline."""
         runtime = self._ref.current
-        snapshot = runtime.state.snapshot
+        return await self._evaluate(deciding(request.decision_key()), runtime, runtime.state.snapshot,
+                                    runtime.idp)
+
+    @staticmethod
+    async def _evaluate(request: PolicyRequest, runtime: Runtime, snapshot: Snapshot | None,
+                        idp) -> Decision:
         if snapshot is None:
             return Decision(INTERNAL_TEMPFAIL, "database state unavailable")
         policy = runtime.config.policy
         deadline = asyncio.get_running_loop().time() + policy.request_deadline_seconds
-        facts = await gather_facts(request, snapshot, runtime.idp, policy.recipient_delimiter, deadline)
+        facts = await gather_facts(request, snapshot, idp, policy.recipient_delimiter, deadline)
         return decide(request, facts, runtime.failure_action)
+
+    def respond(self, lines: list[bytes]) -> bytes | Awaitable[bytes]:
+        """The reply to one request's lines; an awaitable when a remote IdP is asked."""
+        started = asyncio.get_running_loop().time()
+        request = parse_request(lines)
+        if isinstance(request, MalformedRequest):
+            log.warning("policy: malformed request (%s); answering DEFER_IF_PERMIT", request.reason)
+            self._metrics.protocol_errors["policy"] += 1
+            return encode_reply(MALFORMED)
+        runtime = self._ref.current
+        snapshot = runtime.state.snapshot
+        key = request.decision_key()
+        kept = self._memo.entries_for(runtime, snapshot).get(key)
+        if kept is not None:
+            return self._reply(kept, request, started)
+        idp = _AtOnce(runtime.idp)
+        evaluation = self._evaluate(deciding(key), runtime, snapshot, idp)
+        try:
+            evaluation.send(None)
+        except StopIteration as done:  # no task, no timer
+            return self._reply(self._keep(runtime, snapshot, key, done.value, idp), request, started)
+        except _WouldWait:
+            pass
+        else:  # it waits on something other than an IdP question (none does today)
+            evaluation.close()
+        idp = _Watched(runtime.idp)
+        evaluation = self._evaluate(deciding(key), runtime, snapshot, idp)
+        return self._answer_later(evaluation, runtime, snapshot, key, idp, request, started)
+
+    async def _answer_later(self, evaluation, runtime: Runtime, snapshot: Snapshot | None, key: tuple,
+                            idp: _Watched, request: PolicyRequest, started: float) -> bytes:
+        decision = await evaluation
+        return self._reply(self._keep(runtime, snapshot, key, decision, idp), request, started)
+
+    def _keep(self, runtime: Runtime, snapshot: Snapshot | None, key: tuple, decision: Decision,
+              idp: _Watched) -> tuple:
+        """The memo entry for `decision`, kept unless it rests on a remote IdP's answer (whose TTL
+        the IdP cache keeps) or on a missing snapshot."""
+        entry = (encode_reply(decision.action), (action_class(decision.action), decision.rule), decision)
+        if snapshot is not None and (not idp.asked or runtime.idp.name == "static"):
+            self._memo.keep(runtime, snapshot, key, entry)  # the static provider's answers never change
+        return entry
+
+    def _reply(self, entry: tuple, request: PolicyRequest, started: float) -> bytes:
+        reply, label, decision = entry
+        self._decisions[label] += 1
+        self._log_decision(request, decision)
+        self._latency.observe(asyncio.get_running_loop().time() - started)
+        return reply
 
     def _log_decision(self, request: PolicyRequest, decision: Decision) -> None:
         """One line per decision, with what an administrator searches for; never a secret."""
@@ -46,51 +212,3 @@ class PolicyService:
             "sender": request.sender, "recipient": request.recipient,
             "state": request.protocol_state, "action": decision.action, "rule": decision.rule,
         }})
-
-    @staticmethod
-    def _idle_timeout(conn: Connection) -> None:
-        log.warning("policy: closing connection: idle timeout")
-        conn.close_now()
-
-    async def handle(self, conn: Connection) -> None:
-        sockets = self._ref.current.config.sockets
-        loop = asyncio.get_running_loop()
-        # The wait for a request to start is bounded here, with one timer per connection.
-        idle = ReadDeadline(loop, lambda: self._idle_timeout(conn))
-        try:
-            await self._serve(conn, sockets, loop, idle)
-        finally:
-            idle.stop()
-
-    async def _serve(self, conn: Connection, sockets, loop, idle: ReadDeadline) -> None:
-        while not conn.closing:
-            idle.reading_until(loop.time() + sockets.idle_timeout_seconds)
-            try:
-                lines = await read_request_lines(conn.reader, None, sockets.request_timeout_seconds,
-                                                 idle.done)
-            except ProtocolError as exc:
-                if not idle.expired:  # after an idle timeout the read only sees the close
-                    log.warning("policy: closing connection: %s", exc)
-                    self._metrics.protocol_errors["policy"] += 1
-                return
-            idle.done()
-            if lines is None:
-                return
-            conn.busy = True
-            started = loop.time()
-            try:
-                parsed = parse_request(lines)
-                if isinstance(parsed, MalformedRequest):
-                    log.warning("policy: malformed request (%s); answering DEFER_IF_PERMIT", parsed.reason)
-                    self._metrics.protocol_errors["policy"] += 1
-                    action = MALFORMED
-                else:
-                    decision = await self.evaluate(parsed)
-                    action = decision.action
-                    self._metrics.decision(action, decision.rule)
-                    self._log_decision(parsed, decision)
-                conn.writer.write(encode_reply(action))
-                self._latency.observe(loop.time() - started)
-                await conn.drain(sockets.request_timeout_seconds)
-            finally:
-                conn.busy = False

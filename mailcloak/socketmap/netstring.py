@@ -15,6 +15,8 @@ def encode(payload: bytes) -> bytes:
 
 
 class NetstringDecoder:
+    broken = None  # a bad frame raises at once (mailcloak.unixserver.Framer)
+
     def __init__(self, max_length: int):
         self._max_length = max_length
         self._max_digits = len(str(max_length))

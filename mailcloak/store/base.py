@@ -9,10 +9,9 @@ them in mailcloak.store.sql, shared by the SQL backends.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-
 from typing import Mapping
 
-from mailcloak.store.model import AppSettings, AppUsage, Rows
+from mailcloak.store.model import Alias, AppSettings, AppUsage, Rows
 
 
 class Store(ABC):
@@ -31,8 +30,10 @@ class Store(ABC):
     # Reads -----------------------------------------------------------------------------------
 
     @abstractmethod
-    async def load(self) -> Rows:
-        """Every row of every table, read in one consistent transaction."""
+    async def load(self, reuse: Mapping[str, Alias] | None = None) -> Rows:
+        """Every row of every table, read in one consistent transaction. `reuse`: the aliases of
+        the previous load by lower-case address; an alias row that has not changed comes back as
+        that same object."""
 
     @abstractmethod
     async def wait_for_change(self) -> None:

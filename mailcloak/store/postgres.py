@@ -37,7 +37,7 @@ CHANNEL = "mailcloak_changes"
 # pg_advisory_xact_lock keys: one for writers, one for migrations (any two fixed 64-bit numbers).
 _WRITE_LOCK = 0x6D61696C636C6B01
 _MIGRATE_LOCK = 0x6D61696C636C6B02
-_CHUNK = 2000  # rows per fetch while loading, so the event loop is never held for long
+_CHUNK = 500  # rows per fetch while loading, so the event loop is never held for long
 # How often an idle LISTEN connection is checked, so a silently dropped one is noticed.
 _LISTEN_CHECK_SECONDS = 10.0
 
@@ -379,13 +379,19 @@ class _Transaction:
         row = await self._conn.fetchrow(placeholders(sql), *params)
         return None if row is None else tuple(row)
 
+    async def chunks(self, sql: str, params: tuple = ()):
+        cursor = await self._conn.cursor(placeholders(sql), *params)
+        while True:
+            chunk = await cursor.fetch(_CHUNK)
+            if not chunk:
+                return
+            yield [tuple(row) for row in chunk]
+            await asyncio.sleep(0)
+
     async def rows(self, sql: str, params: tuple = ()):
-        n = 0
-        async for row in self._conn.cursor(placeholders(sql), *params, prefetch=_CHUNK):
-            yield tuple(row)
-            n += 1
-            if n % _CHUNK == 0:
-                await asyncio.sleep(0)
+        async for chunk in self.chunks(sql, params):
+            for row in chunk:
+                yield row
 
 
 @functools.lru_cache(maxsize=512)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from abc import abstractmethod
 from contextlib import AbstractAsyncContextManager
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Mapping, Protocol
 
 from mailcloak.errors import InvalidInput, NotFound, SchemaOutdated
 from mailcloak.passwords import NO_SECRET
@@ -35,6 +35,10 @@ class Transaction(Protocol):
     def rows(self, sql: str, params: tuple = ()) -> AsyncIterator[tuple]:
         """Every row, fetched in chunks that give the event loop a turn in between."""
 
+    def chunks(self, sql: str, params: tuple = ()) -> AsyncIterator[list[tuple]]:
+        """Every row, as the lists of rows fetched at a time, with a turn of the event loop in
+        between (for loops over many rows, where a step per row costs)."""
+
 
 class SQLStore(Store):
     """A Store whose reads and writes are the statements below."""
@@ -53,7 +57,7 @@ class SQLStore(Store):
 
     # Reads -------------------------------------------------------------------------------------
 
-    async def load(self) -> Rows:
+    async def load(self, reuse: Mapping[str, Alias] | None = None) -> Rows:
         async with self._transaction(write=False) as tx:
             await self._load_started(tx)
             # A Go database (version 1) opens as it is: the version 2 columns read as their
@@ -79,15 +83,27 @@ class SQLStore(Store):
                     "SELECT alias_email, sender_user FROM alias_senders ORDER BY alias_email, sender_user"
                 ):
                     listed_senders.setdefault(_text(address), []).append(_text(sender))
-            aliases = [
-                Alias(_text(address), _text(target), _text(domain), bool(enabled), _int(updated_at),
-                      tuple(extra_targets.get(_text(address), ())), _text(policy) or "members",
-                      tuple(listed_senders.get(_text(address), ())))
-                async for address, target, domain, enabled, updated_at, policy in tx.rows(
-                    "SELECT alias_email, target_user, alias_domain_name, enabled, updated_at, "
-                    + ("send_policy" if v2 else "'members'") + " FROM aliases"
-                )
-            ]
+            aliases = []
+            known = reuse.get if reuse else {}.get
+            async for chunk in tx.chunks(
+                "SELECT alias_email, target_user, alias_domain_name, enabled, updated_at, "
+                + ("send_policy" if v2 else "'members'") + " FROM aliases"
+            ):
+                for row in chunk:
+                    # An unchanged row gives the object of the previous load again: at 100 000
+                    # aliases, a reload then leaves few new objects for the collector to scan.
+                    kept = known(row[0])
+                    if (kept is not None and row == (kept.address, kept.target_user, kept.domain,
+                                                     kept.enabled, kept.updated_at, kept.send_policy)
+                            and not kept.extra_targets and not kept.listed_senders
+                            and row[0] not in extra_targets and row[0] not in listed_senders):
+                        aliases.append(kept)
+                        continue
+                    address, target, domain, enabled, updated_at, policy = row
+                    aliases.append(Alias(
+                        _text(address), _text(target), _text(domain), bool(enabled), _int(updated_at),
+                        tuple(extra_targets.get(_text(address), ())), _text(policy) or "members",
+                        tuple(listed_senders.get(_text(address), ()))))
             senders: dict[str, list[AppSender]] = {}
             async for app_id, address, enabled in tx.rows(
                 "SELECT app_id, from_addr, enabled FROM app_from ORDER BY app_id, from_addr"

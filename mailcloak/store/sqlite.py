@@ -124,7 +124,7 @@ MIGRATIONS: tuple[str, ...] = (SCHEMA_V1, SCHEMA_V2)
 SCHEMA_VERSION = len(MIGRATIONS)
 REQUIRED_TABLES = frozenset({"domains", "aliases", "apps", "app_from"})
 
-_CHUNK = 2000  # rows per fetch while loading, so the event loop is never held for long
+_CHUNK = 500  # rows per fetch while loading, so the event loop is never held for long
 
 
 def missing_message(path: str) -> str:
@@ -289,15 +289,19 @@ class _Transaction:
         async with self._conn.execute(sql, params) as cur:
             return await cur.fetchone()
 
-    async def rows(self, sql: str, params: tuple = ()):
+    async def chunks(self, sql: str, params: tuple = ()):
         async with self._conn.execute(sql, params) as cur:
             while True:
                 chunk = await cur.fetchmany(_CHUNK)
                 if not chunk:
                     return
-                for row in chunk:
-                    yield row
+                yield chunk
                 await asyncio.sleep(0)
+
+    async def rows(self, sql: str, params: tuple = ()):
+        async for chunk in self.chunks(sql, params):
+            for row in chunk:
+                yield row
 
 
 async def _connect(config: SQLiteConfig, create: bool) -> aiosqlite.Connection:

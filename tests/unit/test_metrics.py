@@ -19,8 +19,8 @@ def test_action_class_is_bounded():
 
 def test_render_counters_and_scrape_time_sources():
     metrics = Metrics()
-    metrics.decision("553 5.7.1 Sender not owned by authenticated user", "8 sender not owned by app")
-    metrics.decision("553 5.7.1 Sender not owned by authenticated user", "8 sender not owned by app")
+    label = (action_class("553 5.7.1 Sender not owned by authenticated user"), "8 sender not owned by app")
+    metrics.policy_decisions[label] += 2
     metrics.socketmap_answers[("alias", "NOTFOUND")] += 3
     metrics.protocol_errors["socketmap"] += 1
     metrics.request_seconds.labels("policy").observe(0.002)
@@ -42,3 +42,15 @@ def test_render_counters_and_scrape_time_sources():
         'mailcloak_passdb_results_total{result="ok"} 9.0',
     ):
         assert line in text, line
+
+
+def test_latency_buckets_are_cumulative_and_include_their_bound():
+    metrics = Metrics()
+    latency = metrics.request_seconds.labels("socketmap")
+    for seconds in (0.001, 0.0011, 30):
+        latency.observe(seconds)
+    text = metrics.render().decode()
+    assert 'mailcloak_request_duration_seconds_bucket{le="0.001",service="socketmap"} 1.0' in text
+    assert 'mailcloak_request_duration_seconds_bucket{le="0.0025",service="socketmap"} 2.0' in text
+    assert 'mailcloak_request_duration_seconds_bucket{le="+Inf",service="socketmap"} 3.0' in text
+    assert 'mailcloak_request_duration_seconds_count{service="socketmap"} 3.0' in text

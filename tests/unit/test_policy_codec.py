@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import collections
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,7 +17,7 @@ from mailcloak.policy.codec import (
     PolicyRequest,
     encode_reply,
     parse_request,
-    read_request_lines,
+    RequestFramer,
 )
 
 # Captured from real Postfix (notes/postfix-dovecot-here.md, "What goes over the wire").
@@ -59,16 +59,30 @@ def lines_of(raw: bytes) -> list[bytes]:
     return raw[:-2].split(b"\n")
 
 
-def make_reader(data: bytes, eof: bool = True, limit: int = MAX_LINE + 1) -> asyncio.StreamReader:
-    reader = asyncio.StreamReader(limit=limit)
-    reader.feed_data(data)
-    if eof:
-        reader.feed_eof()
-    return reader
+class Wire:
+    """`data` fed to a RequestFramer (in chunks of `chunk` bytes), then read a request at a time as
+    the server answers them; None at the end, ProtocolError where the server closes."""
 
+    def __init__(self, data: bytes, chunk: int | None = None):
+        self.framer = RequestFramer()
+        self.requests: collections.deque = collections.deque()
+        self.error: ProtocolError | None = None
+        step = chunk or max(len(data), 1)
+        for i in range(0, len(data), step):
+            try:
+                self.requests.extend(self.framer.feed(data[i:i + step]))
+            except ProtocolError as exc:
+                self.error = exc
+                break
 
-async def read(reader, first=5.0, request=5.0):
-    return await read_request_lines(reader, first, request)
+    def read(self) -> list[bytes] | None:
+        if self.requests:
+            return self.requests.popleft()
+        if self.error is not None:
+            raise self.error
+        if self.framer.pending:
+            raise ProtocolError("connection closed in the middle of a request")
+        return None
 
 
 # parse_request ---------------------------------------------------------------------------------
@@ -157,45 +171,44 @@ def test_malformed_lines(bad):
     assert result.reason
 
 
-# read_request_lines ---------------------------------------------------------------------------
+# RequestFramer --------------------------------------------------------------------------------
 
 
-async def test_read_captured_request():
-    reader = make_reader(CAPTURED)
-    lines = await read(reader)
+def test_read_captured_request():
+    reader = Wire(CAPTURED)
+    lines = reader.read()
     assert lines == lines_of(CAPTURED)
-    assert await read(reader) is None
+    assert reader.read() is None
 
 
-async def test_several_requests_back_to_back():
+def test_several_requests_back_to_back():
     one = b"request=smtpd_access_policy\nprotocol_state=RCPT\nrecipient=a@d1.test\n\n"
     two = b"request=smtpd_access_policy\nprotocol_state=MAIL\n\n"
-    reader = make_reader(one + two + CAPTURED)
-    first, second, third = await read(reader), await read(reader), await read(reader)
+    reader = Wire(one + two + CAPTURED)
+    first, second, third = reader.read(), reader.read(), reader.read()
     assert parse_request(first).recipient == "a@d1.test"
     assert parse_request(second).protocol_state == "MAIL"
     assert third == lines_of(CAPTURED)
-    assert await read(reader) is None
+    assert reader.read() is None
 
 
-async def test_crlf_tolerated():
-    reader = make_reader(CAPTURED.replace(b"\n", b"\r\n"))
-    lines = await read(reader)
+def test_crlf_tolerated():
+    reader = Wire(CAPTURED.replace(b"\n", b"\r\n"))
+    lines = reader.read()
     assert lines == lines_of(CAPTURED)
-    assert await read(reader) is None
+    assert reader.read() is None
 
 
-async def test_request_arriving_in_pieces():
-    reader = asyncio.StreamReader(limit=MAX_LINE + 1)
-    task = asyncio.create_task(read(reader))
-    for i in range(0, len(CAPTURED), 7):
-        reader.feed_data(CAPTURED[i:i + 7])
-        await asyncio.sleep(0)
-    assert await task == lines_of(CAPTURED)
+@pytest.mark.parametrize("chunk", [1, 7, 100])
+def test_request_arriving_in_pieces(chunk):
+    reader = Wire(CAPTURED + CAPTURED.replace(b"\n", b"\r\n"), chunk)
+    assert reader.read() == lines_of(CAPTURED)
+    assert reader.read() == lines_of(CAPTURED)
+    assert reader.read() is None
 
 
-async def test_clean_eof_returns_none():
-    assert await read(make_reader(b"")) is None
+def test_clean_eof_returns_none():
+    assert Wire(b"").read() is None
 
 
 @pytest.mark.parametrize("data", [
@@ -204,63 +217,58 @@ async def test_clean_eof_returns_none():
     b"request=smtpd_access_policy\nprotocol_state=RCPT\n",
     b"request=smtpd_access_policy\nprotocol_state=RC",
 ])
-async def test_eof_mid_request(data):
+def test_eof_mid_request(data):
     with pytest.raises(ProtocolError):
-        await read(make_reader(data))
+        Wire(data).read()
 
 
-async def test_eof_mid_second_request():
-    reader = make_reader(b"request=smtpd_access_policy\n\nrequest=smtpd")
-    assert await read(reader) == [b"request=smtpd_access_policy"]
+def test_eof_mid_second_request():
+    reader = Wire(b"request=smtpd_access_policy\n\nrequest=smtpd")
+    assert reader.read() == [b"request=smtpd_access_policy"]
     with pytest.raises(ProtocolError):
-        await read(reader)
+        reader.read()
 
 
-@pytest.mark.parametrize("limit", [MAX_LINE + 1, 2 ** 16, 2 ** 20])
-async def test_line_over_max_line(limit):
+@pytest.mark.parametrize("chunk", [None, 1000])
+def test_line_over_max_line(chunk):
     long_line = b"request=smtpd_access_policy\nsender=" + b"a" * (MAX_LINE + 10) + b"\n\n"
-    with pytest.raises(ProtocolError):
-        await read(make_reader(long_line, limit=limit))
+    with pytest.raises(ProtocolError, match="line longer"):
+        Wire(long_line, chunk).read()
 
 
-async def test_line_at_postfix_bound_is_fine():
+def test_a_bound_broken_by_a_request_still_arriving_closes_at_once():
+    for partial in (b"request=smtpd_access_policy\nsender=" + b"a" * MAX_LINE,
+                    b"request=smtpd_access_policy\n" + b"a=1\n" * (MAX_ATTRIBUTES + 1),
+                    b"request=smtpd_access_policy\n" + (b"x=" + b"y" * 8000 + b"\n") * 9):
+        assert isinstance(Wire(partial, 500).error, ProtocolError)  # before any end of input
+
+
+def test_line_at_postfix_bound_is_fine():
     # Postfix's own bound for one string is 4 x 2048 = 8192 bytes.
     line = b"ccert_subject=" + b"x" * (8192 - len(b"ccert_subject="))
-    lines = await read(make_reader(b"request=smtpd_access_policy\n" + line + b"\n\n"))
+    lines = Wire(b"request=smtpd_access_policy\n" + line + b"\n\n").read()
     assert lines[1] == line
 
 
-async def test_too_many_attributes():
+def test_too_many_attributes():
     body = b"request=smtpd_access_policy\n" + b"".join(b"a%d=1\n" % i for i in range(MAX_ATTRIBUTES + 5))
     with pytest.raises(ProtocolError):
-        await read(make_reader(body + b"\n"))
+        Wire(body + b"\n").read()
 
 
-async def test_max_attributes_exactly_is_fine():
+def test_max_attributes_exactly_is_fine():
     body = b"request=smtpd_access_policy\n" + b"".join(b"a%d=1\n" % i for i in range(MAX_ATTRIBUTES - 1))
-    lines = await read(make_reader(body + b"\n"))
+    lines = Wire(body + b"\n").read()
     assert len(lines) == MAX_ATTRIBUTES
 
 
-async def test_request_over_max_request():
+def test_request_over_max_request():
     line = b"x=" + b"y" * 8000 + b"\n"
     count = MAX_REQUEST // len(line) + 2
     assert count < MAX_ATTRIBUTES
     body = b"request=smtpd_access_policy\n" + line * count + b"\n"
     with pytest.raises(ProtocolError):
-        await read(make_reader(body))
-
-
-async def test_idle_timeout_before_first_line():
-    reader = make_reader(b"", eof=False)
-    with pytest.raises(ProtocolError):
-        await read_request_lines(reader, 0.01, 5)
-
-
-async def test_slow_request_cut_off():
-    reader = make_reader(b"request=smtpd_access_policy\nprotocol_state=RCPT\n", eof=False)
-    with pytest.raises(ProtocolError):
-        await read_request_lines(reader, 5, 0.01)
+        Wire(body).read()
 
 
 # encode_reply ----------------------------------------------------------------------------------
@@ -288,14 +296,12 @@ def test_encode_reply_never_breaks_framing(action):
 # Properties ------------------------------------------------------------------------------------
 
 
-async def _drain(data: bytes, limit: int) -> list[list[bytes]]:
-    reader = asyncio.StreamReader(limit=limit)
-    reader.feed_data(data)
-    reader.feed_eof()
+def _drain(data: bytes, chunk: int) -> list[list[bytes]]:
+    reader = Wire(data, chunk)
     requests = []
     while True:
         try:
-            lines = await read_request_lines(reader, None, 60)
+            lines = reader.read()
         except ProtocolError:
             return requests
         if lines is None:
@@ -317,9 +323,9 @@ wire_bytes = st.one_of(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(wire_bytes, st.sampled_from([64, 256, MAX_LINE + 1]))
-def test_any_bytes_only_protocol_error_or_lines(data, limit):
-    asyncio.run(_drain(data, limit))
+@given(wire_bytes, st.sampled_from([1, 64, 256, MAX_LINE + 1]))
+def test_any_bytes_only_protocol_error_or_lines(data, chunk):
+    _drain(data, chunk)
 
 
 line_strategy = st.one_of(
@@ -342,15 +348,15 @@ def test_parse_request_never_raises(lines):
              result.sasl_username, result.authenticated)
 
 
-async def test_stray_empty_lines_between_requests_are_skipped():
-    reader = make_reader(b"\n\nrequest=smtpd_access_policy\n\n")
-    assert await read(reader) == [b"request=smtpd_access_policy"]
-    assert await read(reader) is None
+def test_stray_empty_lines_between_requests_are_skipped():
+    reader = Wire(b"\n\nrequest=smtpd_access_policy\n\n")
+    assert reader.read() == [b"request=smtpd_access_policy"]
+    assert reader.read() is None
 
 
-async def test_cr_only_line_inside_an_lf_framed_request_is_a_malformed_line_not_its_end():
-    reader = make_reader(b"request=smtpd_access_policy\n\r\nprotocol_state=RCPT\n\n")
-    lines = await read(reader)
+def test_cr_only_line_inside_an_lf_framed_request_is_a_malformed_line_not_its_end():
+    reader = Wire(b"request=smtpd_access_policy\n\r\nprotocol_state=RCPT\n\n")
+    lines = reader.read()
     assert lines == [b"request=smtpd_access_policy", b"", b"protocol_state=RCPT"]
     assert isinstance(parse_request(lines), MalformedRequest)
-    assert await read(reader) is None  # nothing past the request was consumed or left behind
+    assert reader.read() is None  # nothing past the request was consumed or left behind
