@@ -93,17 +93,26 @@ class AuthOutcome:
 def refusal(app: App, service: str, remote_ip: str, now: float) -> str | None:
     """Why `app` may not log in for this request whatever the password, or None when it may.
     `service` is lower-case; `now` is unix seconds."""
+    refused = use_refusal(app, remote_ip, now)
+    if refused:
+        return refused
+    if service not in SENDING_SERVICES:
+        return (f"apps may authenticate only for sending (smtp, submission), "
+                f"not {service or 'an unnamed service'}")
+    return None
+
+
+def use_refusal(app: App, remote_ip: str, now: float) -> str | None:
+    """Why `app` may not be used at `now` (unix seconds) from `remote_ip`: disabled, expired, or
+    outside its networks; None when it may. The one rule for both the passdb (`refusal`) and the
+    policy's row 7, which applies it again when the app sends, because Dovecot's auth cache can
+    keep a success for up to auth_cache_ttl after the app expired."""
     if not app.enabled:
         return "app disabled"
     if app.expires_at is not None and now >= app.expires_at:
         return f"app expired at {format_utc(app.expires_at)}"
     if app.networks:
-        outside = _network_refusal(app.networks, remote_ip)
-        if outside:
-            return outside
-    if service not in SENDING_SERVICES:
-        return (f"apps may authenticate only for sending (smtp, submission), "
-                f"not {service or 'an unnamed service'}")
+        return _network_refusal(app.networks, remote_ip)
     return None
 
 
