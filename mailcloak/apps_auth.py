@@ -28,8 +28,8 @@ the Lua client gives up after 10 s), or `max_pending` are waiting, the answer is
 `internal_failure` (Dovecot: temporary failure) at once rather than after Dovecot's own request
 timeout. Logins answered from the cache never wait in that queue.
 
-A successful verification is remembered for `VERIFY_CACHE_SECONDS` (60 s) under an HMAC-SHA256 (random
-per-process key) of the app's row (id, secret_hash, enabled, updated_at) and the password: the
+A successful verification is remembered for `passdb.verify_cache_seconds` (60 s; 0 turns the
+cache off) under an HMAC-SHA256 (random per-process key) of the app's row (id, secret_hash, enabled, updated_at) and the password: the
 password cannot be recovered from the cache, and any change to the row (new secret, disabled,
 touched) makes the next login miss and verify again. Failures are never cached.
 """
@@ -55,6 +55,7 @@ from cachetools import TTLCache
 
 from mailcloak.app_fields import format_utc
 from mailcloak.app_usage import UsageRecorder
+from mailcloak.config import PassdbConfig
 from mailcloak.passwords import hash_secret, verify_secret
 from mailcloak.store.model import App, Snapshot
 
@@ -63,9 +64,8 @@ log = logging.getLogger(__name__)
 # Services apps may authenticate for (Dovecot's `service`/`protocol` field, lower-cased).
 SENDING_SERVICES = frozenset({"smtp", "submission"})
 
-# How long a successful verification is remembered (seconds; 0 turns the cache off).
-VERIFY_CACHE_SECONDS = 60.0
-VERIFY_CACHE_SIZE = 10_000
+# The defaults of the settings below are the config's (passdb section): one place for them.
+_DEFAULTS = PassdbConfig()
 
 
 class Result(str, enum.Enum):
@@ -164,8 +164,11 @@ class FailureThrottle:
     tracked; the least recently failed one is dropped first.
     """
 
-    def __init__(self, *, free_failures: int = 3, base_delay: float = 0.5, max_delay: float = 5.0,
-                 forget_after: float = 900.0, max_entries: int = 10_000,
+    def __init__(self, *, free_failures: int = _DEFAULTS.throttle_free_failures,
+                 base_delay: float = _DEFAULTS.throttle_base_delay_seconds,
+                 max_delay: float = _DEFAULTS.throttle_max_delay_seconds,
+                 forget_after: float = _DEFAULTS.throttle_forget_after_seconds,
+                 max_entries: int = _DEFAULTS.throttle_max_entries,
                  clock: Callable[[], float] = time.monotonic):
         self.free_failures = free_failures
         self.base_delay = base_delay
@@ -228,9 +231,9 @@ class FailureThrottle:
 class VerificationCache:
     """Successful (app row, password) verifications, for `ttl` seconds; nothing recoverable."""
 
-    def __init__(self, ttl: float | None = None, maxsize: int = VERIFY_CACHE_SIZE,
+    def __init__(self, ttl: float = _DEFAULTS.verify_cache_seconds,
+                 maxsize: int = _DEFAULTS.verify_cache_entries,
                  clock: Callable[[], float] = time.monotonic):
-        ttl = VERIFY_CACHE_SECONDS if ttl is None else ttl
         self.ttl = ttl
         self._key = secrets.token_bytes(32)
         self._cache: TTLCache | None = TTLCache(maxsize, ttl, timer=clock) if ttl > 0 else None
@@ -288,6 +291,18 @@ class AppAuthenticator:
         self._wall_clock = wall_clock
         # Answers by result, plus "cached", "throttled" and "busy" (for metrics).
         self.counters: Counter[str] = Counter()
+
+    @classmethod
+    def from_config(cls, passdb: PassdbConfig) -> AppAuthenticator:
+        """The daemon's authenticator, with the cache and throttle of the `passdb` section."""
+        return cls(
+            cache=VerificationCache(passdb.verify_cache_seconds, passdb.verify_cache_entries),
+            throttle=FailureThrottle(
+                free_failures=passdb.throttle_free_failures,
+                base_delay=passdb.throttle_base_delay_seconds,
+                max_delay=passdb.throttle_max_delay_seconds,
+                forget_after=passdb.throttle_forget_after_seconds,
+                max_entries=passdb.throttle_max_entries))
 
     async def prepare(self) -> None:
         """Make the dummy hash now (at start), so the first unknown login costs no more than others."""
