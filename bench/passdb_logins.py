@@ -6,7 +6,7 @@ loopback port with a shared secret, then keeps `--concurrency` keep-alive connec
 answers. Modes:
 
 - cached:   the right password every time; after the first, answers come from the cache;
-- uncached: the same, with the cache turned off (mailcloak.apps_auth.VERIFY_CACHE_SECONDS = 0):
+- uncached: the same, with the cache turned off (`passdb.verify_cache_seconds: 0`):
             one argon2id verification per login;
 - wrong:    a different wrong password per login from a different IP (never cached, never
             throttled): what a password-guessing client costs.
@@ -40,16 +40,6 @@ from support import GO_APP_PASSWORD, make_go_database, policy_request, write_con
 
 SECRET = "bench-secret"
 
-LAUNCH = """
-import sys
-import mailcloak.apps_auth as apps_auth
-if sys.argv[1] == "nocache":
-    apps_auth.VERIFY_CACHE_SECONDS = 0
-from mailcloak.daemon import main
-sys.exit(main(sys.argv[2:]))
-"""
-
-
 def free_port() -> int:
     import socket
     with socket.socket() as s:
@@ -64,9 +54,10 @@ def start_daemon(tmp: Path, cache: bool, log_level: str) -> tuple[subprocess.Pop
     (db_dir / "secret").write_text(SECRET)
     port = free_port()
     config = write_config(db_dir, http={"listen": f"127.0.0.1:{port}",
-                                        "shared_secret_file": str(db_dir / "secret")})
+                                        "shared_secret_file": str(db_dir / "secret")},
+                          passdb={"verify_cache_seconds": 60 if cache else 0})
     log = open(db_dir / "daemon.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-c", LAUNCH, "cache" if cache else "nocache",
+    proc = subprocess.Popen([sys.executable, "-m", "mailcloak",
                              "--config", str(config), "--log-level", log_level],
                             stdout=log, stderr=log, cwd=REPO)
     import socket

@@ -34,17 +34,33 @@ def domain_of(address: str) -> str:
     return address[at + 1 :].lower() if at >= 0 else ""
 
 
-def split_extension(address: str, delimiters: str) -> Split:
-    """Split `user+tag@domain` into (`user@domain`, `+tag`), as Postfix's recipient_delimiter does.
+# Local parts Postfix never splits, whatever the delimiter (split_addr.c: MAIL_ADDR_POSTMASTER,
+# MAIL_ADDR_MAIL_DAEMON, and double_bounce_sender at its default).
+_NEVER_SPLIT = frozenset({"postmaster", "mailer-daemon", "double-bounce"})
 
-    `delimiters` is a set of characters; the first one found in the local part splits it. An
-    empty set turns sub-addressing off. A local part that would become empty is not split.
+
+def split_extension(address: str, delimiters: str) -> Split:
+    """Split `user+tag@domain` into (`user@domain`, `+tag`), as Postfix's recipient_delimiter does
+    (src/global/split_addr.c, called through strip_addr by mail_addr_find):
+
+    - `delimiters` is a set of characters; the first character of the local part that is in the
+      set splits it (strcspn), whichever delimiter it is. An empty set turns sub-addressing off;
+    - when that first one starts the local part, the address is not split at all (the base would
+      be empty), even if another delimiter follows;
+    - postmaster, mailer-daemon and double-bounce are never split;
+    - when `-` is a delimiter, `owner-list` and `list-request` are not split (Postfix's
+      owner_request_special, default yes: mailing-list conventions older than sub-addressing).
     """
     address = address.lower()
     at = address.rfind("@")
     if not delimiters or at <= 0:
         return Split(address, "")
     local, domain = address[:at], address[at:]
+    if local in _NEVER_SPLIT:
+        return Split(address, "")
+    if "-" in delimiters and (local.startswith("owner-")
+                              or (len(local) > 8 and local.endswith("-request"))):
+        return Split(address, "")
     for i, char in enumerate(local):
         if char in delimiters:
             if i == 0:

@@ -1,7 +1,7 @@
 """When each app last logged in, recorded without slowing logins down.
 
 A successful login only updates a dict in memory (`record`); a background task writes the batch
-to the store's app_usage table every `FLUSH_SECONDS` and once more at shutdown, in one
+to the store's app_usage table every `passdb.last_use_flush_seconds` (30 s) and once more at shutdown, in one
 transaction. A failed write (database locked, read-only, still the Go schema) keeps the batch
 for the next turn, is logged once per distinct error, and never holds a login up. Memory is
 bounded by the number of apps. The store writes through the connection it watches for changes,
@@ -20,8 +20,6 @@ from mailcloak.store.base import Store
 from mailcloak.store.model import AppUsage
 
 log = logging.getLogger(__name__)
-
-FLUSH_SECONDS = 30.0
 
 
 class UsageRecorder:
@@ -59,7 +57,7 @@ class UsageRecorder:
             self._last_error = None
         return True
 
-    async def run(self, store: Store, interval: float = FLUSH_SECONDS) -> None:
+    async def run(self, store: Store, interval: float) -> None:
         """Flush every `interval` seconds until cancelled (the caller flushes once more after)."""
         while True:
             await asyncio.sleep(interval)

@@ -207,6 +207,38 @@ class HTTPConfig:
 
 
 @dataclass(frozen=True)
+class PassdbConfig:
+    """App-password logins (mailcloak.apps_auth, mailcloak.app_usage); README "Passdb settings"."""
+
+    # A successful argon2id verification is remembered this long (0: off, every login verifies).
+    verify_cache_seconds: float = 60
+    verify_cache_entries: int = 10_000
+    # Failures of one (login, remote IP) that cost nothing extra; then each attempt waits
+    # base_delay * 2**(failures - free_failures), at most max_delay, before it is checked.
+    throttle_free_failures: int = 3
+    throttle_base_delay_seconds: float = 0.5
+    throttle_max_delay_seconds: float = 5
+    # A pair with no failure for this long starts afresh; at most max_entries pairs are tracked.
+    throttle_forget_after_seconds: float = 900
+    throttle_max_entries: int = 10_000
+    # How often the apps' last use is written to the database (and once more at stop).
+    last_use_flush_seconds: float = 30
+
+
+# Bounds of the passdb keys: (smallest, largest) allowed, with why in the error when it matters.
+_PASSDB_BOUNDS: dict[str, tuple[float, float, str]] = {
+    "verify_cache_seconds": (0, 3600, ""),
+    "verify_cache_entries": (1, 1_000_000, ""),
+    "throttle_free_failures": (0, 1000, ""),
+    "throttle_base_delay_seconds": (0, 8, ""),
+    "throttle_max_delay_seconds": (0, 8, " (the Lua passdb script gives up after 10 s)"),
+    "throttle_forget_after_seconds": (1, 86_400, ""),
+    "throttle_max_entries": (1, 1_000_000, ""),
+    "last_use_flush_seconds": (1, 3600, ""),
+}
+
+
+@dataclass(frozen=True)
 class Config:
     idp: IdPConfig = field(default_factory=IdPConfig)
     sqlite: SQLiteConfig = field(default_factory=SQLiteConfig)
@@ -216,6 +248,7 @@ class Config:
     sockets: SocketsConfig = field(default_factory=SocketsConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     http: HTTPConfig = field(default_factory=HTTPConfig)
+    passdb: PassdbConfig = field(default_factory=PassdbConfig)
     source: str = ""  # the file it came from, for messages; not a YAML key
 
     @property
@@ -442,8 +475,19 @@ def _validate(config: Config) -> None:
         raise ConfigError("policy.request_deadline_seconds must be positive")
     if config.http.listen:
         parse_listen(config.http.listen)
+    _validate_passdb(config.passdb)
     if not config.sqlite.path:
         raise ConfigError("sqlite.path must be set")
+
+
+def _validate_passdb(passdb: PassdbConfig) -> None:
+    for key, (low, high, why) in _PASSDB_BOUNDS.items():
+        value = getattr(passdb, key)
+        if not low <= value <= high:
+            raise ConfigError(f"passdb.{key} must be between {low:g} and {high:g}{why} (got {value!r})")
+    if passdb.throttle_base_delay_seconds > passdb.throttle_max_delay_seconds:
+        raise ConfigError("passdb.throttle_base_delay_seconds must not exceed "
+                          "passdb.throttle_max_delay_seconds")
 
 
 def _validate_store(config: Config) -> None:

@@ -43,8 +43,8 @@ The words, arguments and tab-separated list output are those of the Go project's
 - **App settings** (`apps add/set --description/--expires/--networks`, mailcloak.app_fields) and
   their `apps list` lines, and **export/import** (mailcloak.export): README "App credentials
   that age" and "Export and import".
-- **check.** `check --sasl-method M --sasl-user U --sender S --recipient R [--state RCPT|MAIL]`
-  builds the policy request Postfix would send and evaluates it with the daemon's own code
+- **check.** `check --sasl-method M --sasl-user U --sender S --recipient R [--state RCPT|MAIL]
+  [--client-address IP]` builds the policy request Postfix would send and evaluates it with the daemon's own code
   (`StateCache` for the snapshot, `PolicyService.evaluate` for facts and decision), then prints
   `action: ...` and `rule: ...`. It exits 0 whatever the action.
 """
@@ -445,6 +445,8 @@ async def _check(store: Store, args: argparse.Namespace, config: Config) -> None
         attributes["sasl_username"] = args.sasl_user
     attributes["sender"] = args.sender
     attributes["recipient"] = args.recipient if args.state == "RCPT" else ""
+    if args.client_address:
+        attributes["client_address"] = args.client_address
     request = PolicyRequest(MappingProxyType(attributes))
 
     state = StateCache(store, config.policy.extra_local_domains)
@@ -608,6 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
          ("--sender", {"metavar": "S", "default": "", "help": "envelope sender (empty: null sender)"}),
          ("--recipient", {"metavar": "R", "default": ""}),
          ("--state", {"metavar": "RCPT|MAIL", "type": _state_arg, "default": "RCPT"}),
+         ("--client-address", {"metavar": "IP", "default": "",
+                               "help": "the SMTP client's address (checked against an app's networks)"}),
          check=True)
 
     migrate = groups.add_parser(

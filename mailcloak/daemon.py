@@ -121,7 +121,7 @@ async def reload(app: web.Application) -> None:
     except MailcloakError as exc:
         log.error("reload refused, keeping the running configuration: %s", exc)
         return
-    for key in ("sockets", "sqlite", "store", "postgres", "http"):
+    for key in ("sockets", "sqlite", "store", "postgres", "http", "passdb"):
         if getattr(config, key) != getattr(old.config, key):
             log.warning("reload: changes under %s take effect at the next restart", key)
     logs.set_level(config.daemon.log_level)

@@ -30,9 +30,10 @@ async def _passdb_ctx(app: web.Application) -> AsyncIterator[None]:
     if app[CONFIG].http.listen:
         # The dummy hash (one argon2id: ~0.2 s, 64 MiB at its peak) only where logins can come.
         await endpoint.authenticator.prepare()
-    # Last use of apps: written every FLUSH_SECONDS and once more when the daemon stops.
+    # Last use of apps: written every passdb.last_use_flush_seconds and once more at stop.
     usage, store = endpoint.authenticator.usage, app[STATE].store
-    flusher = asyncio.create_task(usage.run(store), name="app-usage-flush")
+    interval = app[CONFIG].passdb.last_use_flush_seconds
+    flusher = asyncio.create_task(usage.run(store, interval), name="app-usage-flush")
     yield
     flusher.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -43,7 +44,9 @@ async def _passdb_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def setup_http(app: web.Application) -> None:
     """Register the HTTP routes and their cleanup contexts on the daemon's application."""
-    endpoint = PassdbEndpoint(AppAuthenticator(), SharedSecret(app[CONFIG].http.shared_secret_file))
+    config = app[CONFIG]
+    endpoint = PassdbEndpoint(AppAuthenticator.from_config(config.passdb),
+                              SharedSecret(config.http.shared_secret_file))
     app[PASSDB] = endpoint
     app.cleanup_ctx.append(_passdb_ctx)
     app.router.add_post(PASSDB_PATH, endpoint.handle, expect_handler=endpoint.expect)

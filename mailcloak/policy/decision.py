@@ -7,9 +7,11 @@ policy never answers OK, so Postfix's later restrictions still run.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Final
 
+from mailcloak.apps_auth import use_refusal
 from mailcloak.idp.base import IdPUser
 from mailcloak.policy.codec import PolicyRequest
 from mailcloak.store.model import App
@@ -56,6 +58,9 @@ class Facts:
     # The app behind a PLAIN/LOGIN login, if any (enabled or not).
     app: App | None = None
     sender_base: str = ""
+    # Unix seconds of the request, for the app's expiry (row 7). None (not gathered): an app
+    # with an expiry counts as expired, failing closed.
+    now: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,10 +125,24 @@ def _sender_rules(request: PolicyRequest, facts: Facts, failure_action: str) -> 
             return Decision(failure_action, "idp unavailable (sender list)")
         return Decision(NOT_OWNED, "8 sender not owned by user")
     if method in APP_METHODS:
-        app = facts.app
-        if app is not None and app.enabled and sender and (
-            app.may_send_as(sender) or app.may_send_as(request.sender)
-        ):
-            return Decision(DUNNO, "7 app may send as sender")
-        return Decision(NOT_OWNED, "8 sender not owned by app")
+        return _app_sender(request, facts)
     return Decision(UNSUPPORTED_METHOD, "9 unsupported authentication method")
+
+
+def _app_sender(request: PolicyRequest, facts: Facts) -> Decision:
+    """Rows 7/8 for an app: beyond SPEC's "enabled, and the sender one of its enabled allowed
+    addresses", the app must not be expired at the request's time nor used from outside its
+    networks (`client_address`), the passdb's own rule (`use_refusal`) applied again because a
+    login cached by Dovecot can outlive the app's expiry. The reason of a refusal goes in the
+    rule (logs, `mailcloakctl check`), never in the reply."""
+    app = facts.app
+    if app is None:
+        return Decision(NOT_OWNED, "8 sender not owned by app")
+    now = facts.now if facts.now is not None else math.inf
+    refused = use_refusal(app, request.get("client_address"), now)
+    if refused:
+        return Decision(NOT_OWNED, f"8 {refused}")
+    sender = facts.sender_base
+    if sender and (app.may_send_as(sender) or app.may_send_as(request.sender)):
+        return Decision(DUNNO, "7 app may send as sender")
+    return Decision(NOT_OWNED, "8 sender not owned by app")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
+from typing import Callable
 
 from mailcloak.addresses import domain_of, split_extension
 from mailcloak.aio import Resume
@@ -25,8 +27,10 @@ log = logging.getLogger(__name__)
 
 
 async def gather_facts(request: PolicyRequest, snapshot: Snapshot, idp: IdentityProvider,
-                       delimiters: str, deadline: float) -> Facts:
-    """`deadline` is an event-loop time (`loop.time()`) by which every IdP question is settled."""
+                       delimiters: str, deadline: float,
+                       wall_clock: Callable[[], float] = time.time) -> Facts:
+    """`deadline` is an event-loop time (`loop.time()`) by which every IdP question is settled;
+    `wall_clock` gives the request's time for an app's expiry (read only for an app login)."""
     state = request.protocol_state
     if state not in ("RCPT", "MAIL"):
         return Facts()
@@ -50,6 +54,7 @@ async def gather_facts(request: PolicyRequest, snapshot: Snapshot, idp: Identity
     login_query = None
     list_query = None
     app = None
+    now = None
     alias_senders: tuple[str, ...] = ()
     if request.authenticated:
         if method in USER_METHODS and request.sasl_username:
@@ -61,6 +66,7 @@ async def gather_facts(request: PolicyRequest, snapshot: Snapshot, idp: Identity
                 list_query = functools.partial(_list_senders, idp, sender_base)
         elif method in APP_METHODS:
             app = snapshot.app(request.sasl_username)
+            now = wall_clock() if app is not None else None
 
     found, login_user, listed = await _answers((exists_query, login_query, list_query), deadline)
     if exists_query is not None:
@@ -76,6 +82,7 @@ async def gather_facts(request: PolicyRequest, snapshot: Snapshot, idp: Identity
         sender_alias_senders=alias_senders,
         app=app,
         sender_base=sender_base,
+        now=now,
     )
 
 

@@ -14,7 +14,8 @@ from urllib.parse import urlencode
 import pytest
 
 from mailcloak import ctl
-from support import GO_APP_PASSWORD, DaemonProcess, write_config
+from mailcloak.policy.decision import NOT_OWNED
+from support import GO_APP_PASSWORD, DaemonProcess, PolicyClient, write_config
 
 
 def free_port() -> int:
@@ -107,3 +108,26 @@ def test_go_database_logins_work_and_last_use_is_skipped_with_one_warning(served
     warnings = [line for line in daemon.log().splitlines() if "cannot record when apps were last used" in line]
     assert len(warnings) == 1 and "run mailcloakctl init" in warnings[0]
     assert "Traceback" not in daemon.log()
+
+
+def test_policy_refuses_an_app_expired_or_sending_from_outside_its_networks(served, go_db):
+    """Row 7 applies the passdb's rule again: a login Dovecot still has cached does not let an
+    app send past its expiry or from another network."""
+    daemon, _port = served(migrate=True)
+    client = PolicyClient(daemon.policy_socket)
+
+    def ask(client_address: str) -> str:
+        return client.ask(protocol_state="RCPT", sasl_method="PLAIN", sasl_username="Mailer",
+                          sender="noreply@d1.test", recipient="x@outside.example",
+                          client_address=client_address)
+
+    try:
+        assert ask("198.51.100.7") == "DUNNO"
+        assert ctl.main(["--db", str(go_db), "apps", "set", "Mailer", "--networks", "192.0.2.0/24"]) == 0
+        until(lambda: ask("198.51.100.7") == NOT_OWNED, "the networks to take effect")
+        assert ask("192.0.2.7") == "DUNNO"
+        assert ask("") == NOT_OWNED
+        assert ctl.main(["--db", str(go_db), "apps", "set", "Mailer", "--expires", "2001-01-01"]) == 0
+        until(lambda: ask("192.0.2.7") == NOT_OWNED, "the expiry to take effect")
+    finally:
+        client.close()

@@ -444,3 +444,53 @@ def test_introspect_with_keycloak_active_inactive_and_outage(tmp_path, go_db):
     finally:
         daemon.stop()
         keycloak.close()
+
+
+# --- passdb settings from the config -----------------------------------------------------------
+
+@pytest.mark.parametrize("passdb, cached", [({}, True), ({"verify_cache_seconds": 0}, False)])
+def test_verification_cache_follows_the_config(tmp_path, go_db, passdb, cached):
+    """With the cache off, every login verifies argon2 again (the daemon logs each cached one)."""
+    port = free_port()
+    daemon = DaemonProcess(write_config(tmp_path, http={"listen": f"127.0.0.1:{port}"}, passdb=passdb))
+    daemon.start()
+    try:
+        client = HTTP(port)
+        for _ in range(3):
+            assert client.passdb("mailer", GO_APP_PASSWORD, secret=None)[1]["result"] == "ok"
+    finally:
+        daemon.stop()
+    log = daemon.log()
+    assert log.count("app auth ok app=Mailer") == 3
+    assert log.count("(cached)") == (2 if cached else 0)
+
+
+def last_use(db) -> list[tuple]:
+    con = sqlite3.connect(db)
+    try:
+        return con.execute("SELECT app_id FROM app_usage").fetchall()
+    finally:
+        con.close()
+
+
+def test_throttle_and_last_use_flush_follow_the_config(tmp_path, go_db):
+    from mailcloak import ctl
+    assert ctl.main(["--db", str(go_db), "init"]) == 0          # app_usage needs schema 2
+    port = free_port()
+    daemon = DaemonProcess(write_config(
+        tmp_path, http={"listen": f"127.0.0.1:{port}"},
+        passdb={"throttle_free_failures": 0, "throttle_base_delay_seconds": 0.5,
+                "throttle_max_delay_seconds": 0.5, "last_use_flush_seconds": 1}))
+    daemon.start()
+    try:
+        client = HTTP(port)
+        assert client.passdb("mailer", "wrong", secret=None)[1]["result"] == "password_mismatch"
+        assert client.passdb("mailer", GO_APP_PASSWORD, secret=None)[1]["result"] == "ok"
+        deadline = time.monotonic() + 10          # the default (30 s) would not write in time
+        while not last_use(go_db):
+            assert time.monotonic() < deadline, "last use not written while the daemon runs"
+            time.sleep(0.1)
+    finally:
+        daemon.stop()
+    # The default lets 3 failures through without a wait; here the first one already counts.
+    assert "1 failures in a row, next attempt waits 0.5s" in daemon.log()

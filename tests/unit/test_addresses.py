@@ -127,6 +127,42 @@ def test_split_extension(address, delimiters, expected):
     assert add_extension(result.base, result.extension) == address.lower()
 
 
+# Postfix's exceptions, as src/global/split_addr.c (Postfix 3.x) applies them before splitting.
+@pytest.mark.parametrize("address, delimiters, expected", [
+    # "Don't split these, regardless of what the delimiter is": postmaster, mailer-daemon,
+    # double-bounce (compared case-insensitively).
+    ("postmaster@d1.test", "+", ("postmaster@d1.test", "")),
+    ("mailer-daemon@d1.test", "-", ("mailer-daemon@d1.test", "")),
+    ("MAILER-DAEMON@d1.test", "+-", ("mailer-daemon@d1.test", "")),
+    ("double-bounce@d1.test", "-", ("double-bounce@d1.test", "")),
+    ("postmaster+x@d1.test", "+", ("postmaster@d1.test", "+x")),    # only the exact local part
+    ("mailer-daemon+x@d1.test", "+", ("mailer-daemon@d1.test", "+x")),
+    # "Backwards compatibility: don't split owner-foo or foo-request" when '-' is in the set
+    # (owner_request_special = yes, Postfix's default).
+    ("owner-list@d1.test", "-", ("owner-list@d1.test", "")),
+    ("Owner-List@d1.test", "+-", ("owner-list@d1.test", "")),
+    ("owner-list+x@d1.test", "+-", ("owner-list+x@d1.test", "")),   # no split at all, not even '+'
+    ("list-request@d1.test", "-", ("list-request@d1.test", "")),
+    ("list-REQUEST@d1.test", "+-", ("list-request@d1.test", "")),
+    ("list+x-request@d1.test", "+-", ("list+x-request@d1.test", "")),
+    ("x-request@d1.test", "-", ("x-request@d1.test", "")),          # strlen - 8 > 0
+    ("-request@d1.test", "-", ("-request@d1.test", "")),            # delimiter first: no split
+    ("owner-list@d1.test", "+", ("owner-list@d1.test", "")),        # '-' no delimiter: ordinary
+    ("owner+x@d1.test", "+", ("owner@d1.test", "+x")),
+    ("list-request+x@d1.test", "+", ("list-request@d1.test", "+x")),
+    ("list-request+x@d1.test", "+-", ("list@d1.test", "-request+x")),  # does not end in -request
+    ("owner@d1.test", "-", ("owner@d1.test", "")),
+    ("ownerx-list@d1.test", "-", ("ownerx@d1.test", "-list")),
+    # strcspn: the first character in the set splits, whichever delimiter it is; at position 0
+    # nothing is split, even when another delimiter follows.
+    ("a.b+c@d1.test", "+.", ("a@d1.test", ".b+c")),
+    ("+a-b@d1.test", "-+", ("+a-b@d1.test", "")),
+    (".a+b@d1.test", "+.", (".a+b@d1.test", "")),
+])
+def test_split_extension_postfix_exceptions(address, delimiters, expected):
+    assert split_extension(address, delimiters) == Split(*expected)
+
+
 @pytest.mark.parametrize("address, extension, expected", [
     ("alice@d1.test", "+x", "alice+x@d1.test"),
     ("alice@d1.test", "", "alice@d1.test"),

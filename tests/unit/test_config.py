@@ -461,3 +461,57 @@ def test_key_without_value_means_the_default_not_empty():
 def test_non_finite_numbers_refused(value):
     with pytest.raises(ConfigError, match="sockets.idle_timeout_seconds"):
         parse_config(f"sockets:\n  idle_timeout_seconds: {value}\n")
+
+
+# --- passdb section ---------------------------------------------------------------------------
+
+def test_passdb_defaults_are_the_documented_ones():
+    passdb = parse(STATIC).passdb
+    assert (passdb.verify_cache_seconds, passdb.verify_cache_entries) == (60, 10_000)
+    assert (passdb.throttle_free_failures, passdb.throttle_base_delay_seconds,
+            passdb.throttle_max_delay_seconds, passdb.throttle_forget_after_seconds,
+            passdb.throttle_max_entries) == (3, 0.5, 5, 900, 10_000)
+    assert passdb.last_use_flush_seconds == 30
+
+
+@pytest.mark.parametrize("key, value", [
+    ("verify_cache_seconds", "0"),            # 0 turns the cache off
+    ("verify_cache_seconds", "3600"),
+    ("verify_cache_entries", "1"),
+    ("throttle_free_failures", "0"),          # every failure delays the next attempt
+    ("throttle_base_delay_seconds", "0"),     # no delay at all
+    ("throttle_max_delay_seconds", "8"),
+    ("throttle_forget_after_seconds", "1"),
+    ("throttle_max_entries", "1000000"),
+    ("last_use_flush_seconds", "1"),
+    ("last_use_flush_seconds", "2.5"),
+])
+def test_passdb_values_accepted(key, value):
+    assert getattr(parse(STATIC + f"passdb:\n  {key}: {value}\n").passdb, key) == float(value)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("passdb:\n  verify_cache_seconds: -1\n", ["passdb.verify_cache_seconds", "negative"]),
+    ("passdb:\n  verify_cache_seconds: .nan\n", ["passdb.verify_cache_seconds", "a number"]),
+    ("passdb:\n  verify_cache_seconds: .inf\n", ["passdb.verify_cache_seconds", "a number"]),
+    ("passdb:\n  verify_cache_seconds: 3601\n", ["passdb.verify_cache_seconds", "between 0 and 3600"]),
+    ("passdb:\n  verify_cache_seconds: '60'\n", ["passdb.verify_cache_seconds", "a number"]),
+    ("passdb:\n  verify_cache_entries: 0\n", ["passdb.verify_cache_entries", "between 1 and"]),
+    ("passdb:\n  verify_cache_entries: 1.5\n", ["passdb.verify_cache_entries", "an integer"]),
+    ("passdb:\n  throttle_free_failures: true\n", ["passdb.throttle_free_failures", "an integer"]),
+    ("passdb:\n  throttle_free_failures: 1001\n", ["passdb.throttle_free_failures"]),
+    ("passdb:\n  throttle_max_delay_seconds: 9\n", ["passdb.throttle_max_delay_seconds",
+                                                    "Lua passdb script gives up after 10 s"]),
+    ("passdb:\n  throttle_base_delay_seconds: 6\n", ["passdb.throttle_base_delay_seconds must not "
+                                                     "exceed passdb.throttle_max_delay_seconds"]),
+    ("passdb:\n  throttle_forget_after_seconds: 0\n", ["passdb.throttle_forget_after_seconds"]),
+    ("passdb:\n  throttle_max_entries: 0\n", ["passdb.throttle_max_entries"]),
+    ("passdb:\n  last_use_flush_seconds: 0\n", ["passdb.last_use_flush_seconds", "between 1 and 3600"]),
+    ("passdb:\n  last_use_flush_seconds: 86400\n", ["passdb.last_use_flush_seconds"]),
+    ("passdb:\n  cache_seconds: 60\n", ["unknown key passdb.cache_seconds"]),
+    ("passdb: [60]\n", ["passdb must be a mapping"]),
+])
+def test_passdb_values_refused(text, words):
+    message = refused(STATIC + text)
+    for word in words:
+        assert word in message

@@ -22,6 +22,7 @@ import pytest
 from argon2 import PasswordHasher
 
 from mailcloak import ctl
+from mailcloak.policy.decision import NOT_OWNED
 from stores import both_store_kinds, dump as dump_site  # noqa: F401 - both stores
 from support import GO_APP_PASSWORD, REPO, make_go_database, write_config
 
@@ -680,6 +681,21 @@ def test_check_sees_cli_changes(check, go_db, run):
     assert check(*argv)[1].startswith("action: 553 ")
     assert run("--db", str(go_db), "apps", "allow", "Mailer", "billing@d1.test") == (0, "", "")
     assert check(*argv) == (0, "action: DUNNO\nrule: 7 app may send as sender\n", "")
+
+
+def test_check_applies_an_apps_networks_and_expiry(check, go_db, run):
+    argv = ["--sasl-method", "PLAIN", "--sasl-user", "Mailer", "--sender", "noreply@d1.test",
+            "--recipient", "x@outside.example"]
+    assert check(*argv) == (0, "action: DUNNO\nrule: 7 app may send as sender\n", "")
+    assert run("--db", str(go_db), "init")[0] == 0
+    assert run("--db", str(go_db), "apps", "set", "Mailer", "--networks", "192.0.2.0/24") == (0, "", "")
+    refused = f"action: {NOT_OWNED}\nrule: 8 "
+    assert check(*argv) == (0, refused + "no remote IP to check against the app's networks\n", "")
+    assert check(*argv, "--client-address", "192.0.2.9") == (
+        0, "action: DUNNO\nrule: 7 app may send as sender\n", "")
+    assert run("--db", str(go_db), "apps", "set", "Mailer", "--expires", "2001-01-01") == (0, "", "")
+    assert check(*argv, "--client-address", "192.0.2.9") == (
+        0, refused + "app expired at 2001-01-01T00:00:00Z\n", "")
 
 
 def test_check_needs_the_config(tmp_path, go_db, run):

@@ -22,6 +22,7 @@ from mailcloak.policy.decision import (
     NOT_OWNED,
     UNAVAILABLE,
     UNSUPPORTED_METHOD,
+    Decision,
     Facts,
     decide,
 )
@@ -33,6 +34,10 @@ BOB = IdPUser("bob", "bob@d2.test")
 MAILER = App("Mailer", "{ARGON2ID}x", True, 0,
              (AppSender("noreply@d1.test", True), AppSender("billing@d1.test", False)))
 MAILER_OFF = App("Mailer", "{ARGON2ID}x", False, 0, (AppSender("noreply@d1.test", True),))
+NOW = 1_800_000_000
+# An app that ages (passdb rules reused by row 7): expires a minute after NOW, two networks.
+MAILER_AGING = App("Mailer", "{ARGON2ID}x", True, 0, (AppSender("noreply@d1.test", True),),
+                   "", NOW + 60, ("192.0.2.0/24", "2001:db8::/32"))
 
 FAILURE_ACTIONS = {"tempfail": IDP_TEMPFAIL, "dunno": DUNNO}
 
@@ -48,6 +53,7 @@ LOCAL_MISSING = dict(recipient_local=True, recipient_exists=False)
 REMOTE = dict(recipient_local=False, recipient_exists=None)
 OUT = "bob@elsewhere.example"
 IN = "alice@d1.test"
+AGING_SENDS = dict(recipient=OUT, sender="noreply@d1.test", sasl_method="PLAIN", sasl_username="Mailer")
 
 # (id, state, request attributes, facts, expected action), evaluated with failure mode tempfail.
 RCPT_TABLE = [
@@ -116,6 +122,14 @@ RCPT_TABLE = [
     ("7-local-recipient", dict(recipient=IN, sender="noreply@d1.test", sasl_method="PLAIN",
                                sasl_username="Mailer"),
      Facts(**LOCAL_EXISTS, sender_local=True, app=MAILER, sender_base="noreply@d1.test"), DUNNO),
+    ("7-app-before-expiry-inside-networks", dict(AGING_SENDS, client_address="192.0.2.10"),
+     Facts(**REMOTE, app=MAILER_AGING, sender_base="noreply@d1.test", now=NOW + 59), DUNNO),
+    ("7-app-inside-ipv6-network", dict(AGING_SENDS, client_address="2001:db8:1::5"),
+     Facts(**REMOTE, app=MAILER_AGING, sender_base="noreply@d1.test", now=NOW), DUNNO),
+    ("7-app-inside-v4-mapped", dict(AGING_SENDS, client_address="::ffff:192.0.2.10"),
+     Facts(**REMOTE, app=MAILER_AGING, sender_base="noreply@d1.test", now=NOW), DUNNO),
+    ("7-app-without-expiry-time-not-gathered", dict(AGING_SENDS, client_address="198.51.100.1"),
+     Facts(**REMOTE, app=MAILER, sender_base="noreply@d1.test", now=None), DUNNO),
     # 8: known method, sender not owned
     ("8-user-other-sender", dict(recipient=OUT, sender="bob@d2.test", sasl_method="XOAUTH2",
                                  sasl_username="alice"),
@@ -145,6 +159,18 @@ RCPT_TABLE = [
     ("8-app-disabled", dict(recipient=OUT, sender="noreply@d1.test", sasl_method="PLAIN",
                             sasl_username="Mailer"),
      Facts(**REMOTE, app=MAILER_OFF, sender_base="noreply@d1.test"), NOT_OWNED),
+    ("8-app-expired", dict(AGING_SENDS, client_address="192.0.2.10"),
+     Facts(**REMOTE, app=MAILER_AGING, sender_base="noreply@d1.test", now=NOW + 60), NOT_OWNED),
+    ("8-app-time-not-gathered-fails-closed", dict(AGING_SENDS, client_address="192.0.2.10"),
+     Facts(**REMOTE, app=MAILER_AGING, sender_base="noreply@d1.test", now=None), NOT_OWNED),
+    ("8-app-outside-networks", dict(AGING_SENDS, client_address="198.51.100.1"),
+     Facts(**REMOTE, app=MAILER_AGING, sender_base="noreply@d1.test", now=NOW), NOT_OWNED),
+    ("8-app-outside-ipv6-networks", dict(AGING_SENDS, client_address="2001:db9::1"),
+     Facts(**REMOTE, app=MAILER_AGING, sender_base="noreply@d1.test", now=NOW), NOT_OWNED),
+    ("8-app-networks-no-client-address", AGING_SENDS,
+     Facts(**REMOTE, app=MAILER_AGING, sender_base="noreply@d1.test", now=NOW), NOT_OWNED),
+    ("8-app-networks-client-unknown", dict(AGING_SENDS, client_address="unknown"),
+     Facts(**REMOTE, app=MAILER_AGING, sender_base="noreply@d1.test", now=NOW), NOT_OWNED),
     ("8-app-unknown", dict(recipient=OUT, sender="noreply@d1.test", sasl_method="LOGIN",
                            sasl_username="nobody"),
      Facts(**REMOTE, app=None, sender_base="noreply@d1.test"), NOT_OWNED),
@@ -176,6 +202,17 @@ def test_rcpt_rows(attrs, facts, expected, mode):
 def test_rcpt_table_covers_every_row():
     rows = {row[0].split("-")[0] for row in RCPT_TABLE}
     assert rows == {str(n) for n in range(1, 10)}
+
+
+@pytest.mark.parametrize("client_address, now, rule", [
+    ("192.0.2.10", NOW + 60, "8 app expired at 2027-01-15T08:01:00Z"),
+    ("198.51.100.1", NOW, "8 remote IP 198.51.100.1 is outside the app's networks"),
+    ("", NOW, "8 no remote IP to check against the app's networks"),
+])
+def test_aging_refusal_names_its_reason_in_the_rule_not_the_reply(client_address, now, rule):
+    attrs = dict(AGING_SENDS, client_address=client_address) if client_address else AGING_SENDS
+    facts = Facts(**REMOTE, app=MAILER_AGING, sender_base="noreply@d1.test", now=now)
+    assert decide(req("RCPT", **attrs), facts, IDP_TEMPFAIL) == Decision(NOT_OWNED, rule)
 
 
 def test_decision_names_its_row():
@@ -620,3 +657,29 @@ async def test_idp_asked_only_for_login_at_mail_stage():
 async def test_other_states_gather_nothing():
     facts = await facts_for(req("DATA", recipient="nobody@d1.test", sender="alice@d1.test"))
     assert facts == Facts()
+
+
+@pytest.mark.parametrize("seconds_after, expected", [(59, DUNNO), (60, NOT_OWNED)])
+async def test_app_expiry_time_comes_from_the_facts_wall_clock(seconds_after, expected):
+    """gather_facts reads the request's time (decide() never reads a clock), so an app whose
+    expiry passed is refused at once, even while Dovecot's auth cache still lets it log in."""
+    snapshot = Snapshot.from_rows(Rows(domains=(Domain("d1.test", True, 0),), apps=(MAILER_AGING,)))
+    request = req("RCPT", **dict(AGING_SENDS, client_address="192.0.2.10"))
+    facts = await gather_facts(request, snapshot, FakeIdP(), "+",
+                               asyncio.get_running_loop().time() + 5,
+                               wall_clock=lambda: NOW + seconds_after)
+    assert facts.now == NOW + seconds_after
+    assert decide(request, facts, IDP_TEMPFAIL).action == expected
+
+
+async def test_the_time_is_read_only_for_an_app_login():
+    def no_clock() -> float:
+        raise AssertionError("the wall clock was read")
+
+    for attrs in (dict(sender="x@example.org"),
+                  dict(sender=IN, sasl_method="XOAUTH2", sasl_username="alice"),
+                  dict(sender=IN, sasl_method="PLAIN", sasl_username="nobody")):
+        request = req("RCPT", recipient=OUT, **attrs)
+        facts = await gather_facts(request, SNAPSHOT, FakeIdP(), "+",
+                                   asyncio.get_running_loop().time() + 5, wall_clock=no_clock)
+        assert facts.now is None
