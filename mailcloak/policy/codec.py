@@ -55,9 +55,14 @@ class PolicyRequest:
 
 
     def decision_key(self) -> tuple[str, ...]:
-        """The attributes the policy decision may read, normalised: see DECIDING."""
+        """The attributes the policy decision may read, normalised: see DECIDING. For an app's
+        login (PLAIN/LOGIN) also `client_address`, which rows 7/8 check against the app's
+        networks; other requests leave it out, so their decisions are shared across clients."""
         get = self.attributes.get
-        return tuple(normalise(get(name, "")) for name, normalise in DECIDING.items())
+        key = tuple(normalise(get(name, "")) for name, normalise in DECIDING.items())
+        if key[_METHOD] in APP_METHODS:
+            return (*key, get("client_address", ""))
+        return key
 
 
 # The attributes the policy decision reads, each with the normalisation its rules apply (the
@@ -74,9 +79,16 @@ DECIDING = {
 }
 
 
+_METHOD = list(DECIDING).index("sasl_method")
+_KEY_NAMES = (*DECIDING, "client_address")
+
+# SASL mechanisms of an app's login (an app password through Dovecot's Lua passdb).
+APP_METHODS = frozenset({"PLAIN", "LOGIN"})
+
+
 def deciding(key: tuple[str, ...]) -> PolicyRequest:
     """The request the decision sees for `key` (a `decision_key()`)."""
-    return PolicyRequest(MappingProxyType(dict(zip(DECIDING, key))))
+    return PolicyRequest(MappingProxyType(dict(zip(_KEY_NAMES, key))))
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,11 +13,10 @@ from typing import Final
 
 from mailcloak.apps_auth import use_refusal
 from mailcloak.idp.base import IdPUser
-from mailcloak.policy.codec import PolicyRequest
+from mailcloak.policy.codec import APP_METHODS, PolicyRequest
 from mailcloak.store.model import App
 
 USER_METHODS: Final = frozenset({"XOAUTH2", "OAUTHBEARER"})
-APP_METHODS: Final = frozenset({"PLAIN", "LOGIN"})
 
 DUNNO: Final = "DUNNO"
 NO_SUCH_USER: Final = "550 5.1.1 No such user"

@@ -11,8 +11,8 @@ from mailcloak.errors import IdPError, ProtocolError
 from mailcloak.idp.base import IdentityProvider
 from mailcloak.memo import SnapshotMemo
 from mailcloak.metrics import Metrics, action_class
-from mailcloak.policy.codec import (MalformedRequest, PolicyRequest, RequestFramer, deciding, encode_reply,
-                                    parse_request)
+from mailcloak.policy.codec import (APP_METHODS, DECIDING, MalformedRequest, PolicyRequest, RequestFramer,
+                                    deciding, encode_reply, parse_request)
 from mailcloak.policy.decision import INTERNAL_TEMPFAIL, MALFORMED, Decision, decide
 from mailcloak.policy.facts import gather_facts
 from mailcloak.runtime import Runtime, RuntimeRef
@@ -24,11 +24,22 @@ DECISION_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO}
 
 # Decisions kept per snapshot and runtime (mailcloak.memo) under the request's `decision_key()`:
 # facts and decision see nothing else (codec.DECIDING), so a kept decision is right for as long
-# as snapshot and runtime stay in force. No rule of SPEC §6 reads the clock or client_address
-# (app expiry and networks are checked by the passdb); a rule that came to would add the
-# attribute to DECIDING, and a clock-reading one would need the time (or a bucket of it) in the
-# key. A decision that asked a remote IdP is not kept (its answer has the IdP cache's TTL).
+# as snapshot and runtime stay in force. Rows 7/8 read an app login's client_address (its
+# networks; decision_key() then holds it) and the time (its expiry: such decisions are not kept,
+# `_reads_the_clock`). A decision that asked a remote IdP is not kept (its answer has the IdP
+# cache's TTL).
 MEMO_SIZE = 8192
+_METHOD = list(DECIDING).index("sasl_method")
+_USERNAME = list(DECIDING).index("sasl_username")
+
+
+def _reads_the_clock(key: tuple, snapshot: Snapshot) -> bool:
+    """Whether the decision for `key` depends on the time: an app's login whose app expires
+    (rows 7/8 compare the request's time with its expiry). Such a decision is not kept."""
+    if key[_METHOD] not in APP_METHODS:
+        return False
+    app = snapshot.app(key[_USERNAME])
+    return app is not None and app.expires_at is not None
 
 
 class _Watched:
@@ -190,7 +201,8 @@ class PolicyService:
         """The memo entry for `decision`, kept unless it rests on a remote IdP's answer (whose TTL
         the IdP cache keeps) or on a missing snapshot."""
         entry = (encode_reply(decision.action), (action_class(decision.action), decision.rule), decision)
-        if snapshot is not None and (not idp.asked or runtime.idp.name == "static"):
+        if snapshot is not None and (not idp.asked or runtime.idp.name == "static") \
+                and not _reads_the_clock(key, snapshot):
             self._memo.keep(runtime, snapshot, key, entry)  # the static provider's answers never change
         return entry
 

@@ -13,6 +13,7 @@ from mailcloak.policy.codec import DECIDING, deciding, parse_request
 from mailcloak.policy.server import PolicyService
 from mailcloak.runtime import Runtime, RuntimeRef
 from mailcloak.state import StateCache
+from mailcloak.store.model import AppSettings
 from mailcloak.store.sqlite import SQLiteStore
 from standins.fixtures import clock, keycloak_standin  # noqa: F401
 from support import policy_request, write_config
@@ -127,3 +128,30 @@ async def test_a_warm_idp_cache_answers_at_once_a_cold_one_in_a_task(tmp_path, g
     finally:
         await idp.close()
         await store.close()
+
+
+APP_LOGIN = dict(protocol_state="RCPT", sasl_method="PLAIN", sasl_username="Mailer",
+                 sender="noreply@d1.test", recipient="x@outside.example")
+
+
+def test_an_app_login_key_holds_the_client_address_others_do_not():
+    """Rows 7/8 check an app's networks against client_address: it is part of an app login's key."""
+    assert key_of(**APP_LOGIN, client_address="192.0.2.1") != key_of(**APP_LOGIN, client_address="192.0.2.2")
+    assert deciding(key_of(**APP_LOGIN, client_address="192.0.2.1")).get("client_address") == "192.0.2.1"
+    assert key_of(**UNAUTH, client_address="192.0.2.1") == key_of(**UNAUTH, client_address="192.0.2.2")
+
+
+async def test_a_decision_on_an_app_that_expires_is_not_kept(service, tmp_path):
+    """Such a decision depends on the time: kept, it would outlive the app's expiry."""
+    policy, state = service
+    request = lines_of(**APP_LOGIN, client_address="192.0.2.7")
+    assert await answer(policy, request) == b"action=DUNNO\n\n"
+    assert len(policy._memo) == 1
+    writer = await SQLiteStore.open(load_config(write_config(tmp_path)).sqlite, create=True)  # to version 2
+    try:
+        await writer.set_app_settings("Mailer", AppSettings(expires_at=4_102_444_800))  # 2100-01-01
+    finally:
+        await writer.close()
+    await state.load()
+    assert await answer(policy, request) == b"action=DUNNO\n\n"
+    assert len(policy._memo) == 0
