@@ -187,6 +187,15 @@ class DaemonProcess:
         return self.proc.returncode
 
 
+def mailcloakctl(config: Path, *argv: str) -> str:
+    """mailcloakctl as a process on the store that `config` names (a daemon's), which must
+    succeed; its output."""
+    result = subprocess.run([str(REPO / "mailcloakctl"), "--config", str(config), *argv],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, (argv, result.stdout, result.stderr)
+    return result.stdout
+
+
 def policy_request(**attributes: str) -> bytes:
     """One policy request as Postfix frames it (only the given attributes plus `request`)."""
     lines = ["request=smtpd_access_policy"] + [f"{k}={v}" for k, v in attributes.items()]
