@@ -20,6 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from dovecot_instance import dovecot_unavailable_reason  # noqa: E402
 from postfix_instance import (  # noqa: E402
     Listener,
     PostfixInstance,
@@ -42,6 +43,18 @@ def e2e_dir(require_postfix, e2e_store_kind):
     """A directory under /tmp that Postfix's unprivileged processes can traverse (0755), one per
     module and store."""
     path = world_readable_tmpdir(f"mailcloak-e2e-{e2e_store_kind}-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postfix_dovecot_dir(request, e2e_store_kind):
+    """Like e2e_dir, for a module that needs Dovecot (SASL) as well as Postfix."""
+    for reason in (postfix_unavailable_reason(), dovecot_unavailable_reason()):
+        if reason:
+            pytest.skip("E2E SKIPPED, " + reason)
+    module = request.module.__name__.removeprefix("test_")
+    path = world_readable_tmpdir(f"mailcloak-{module}-{e2e_store_kind}-")
     yield path
     shutil.rmtree(path, ignore_errors=True)
 

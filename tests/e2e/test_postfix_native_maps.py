@@ -15,13 +15,12 @@ delivered to discard(8), so `status=sent (virtual-delivered)` lines prove the de
 from __future__ import annotations
 
 import re
-import shutil
 import smtplib
 
 import pytest
 
-from dovecot_instance import DovecotInstance, dovecot_unavailable_reason
-from postfix_instance import PostfixInstance, free_ports, postfix_unavailable_reason, world_readable_tmpdir
+from dovecot_instance import DovecotInstance
+from postfix_instance import PostfixInstance, free_ports
 from support import GO_APP_PASSWORD, DaemonProcess, mailcloakctl, write_config
 
 pytestmark = pytest.mark.e2e
@@ -40,18 +39,8 @@ DELIVERY = re.compile(r"to=<(?P<to>[^>]*)>, (?:orig_to=<(?P<orig_to>[^>]*)>, )?.
 
 
 @pytest.fixture(scope="module")
-def work_dir(e2e_store_kind):
-    for reason in (postfix_unavailable_reason(), dovecot_unavailable_reason()):
-        if reason:
-            pytest.skip("E2E SKIPPED, " + reason)
-    path = world_readable_tmpdir(f"mailcloak-maps-e2e-{e2e_store_kind}-")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def daemon(work_dir, e2e_go_site):
-    daemon_dir = work_dir / "daemon"
+def daemon(postfix_dovecot_dir, e2e_go_site):
+    daemon_dir = postfix_dovecot_dir / "daemon"
     daemon_dir.mkdir()
     daemon_dir.chmod(0o755)
     (port,) = free_ports(1)
@@ -72,11 +61,11 @@ def daemon(work_dir, e2e_go_site):
 
 
 @pytest.fixture(scope="module")
-def dovecot(work_dir, daemon):
-    users = work_dir / "dovecot-users"
+def dovecot(postfix_dovecot_dir, daemon):
+    users = postfix_dovecot_dir / "dovecot-users"
     users.write_text("".join(f"{name}:{{PLAIN}}{secret}\n" for name, secret in PASSWORDS.items()))
     users.chmod(0o644)
-    instance = DovecotInstance(work_dir / "dovecot", daemon_url=daemon.url, imap=False, extra_conf=f"""
+    instance = DovecotInstance(postfix_dovecot_dir / "dovecot", daemon_url=daemon.url, imap=False, extra_conf=f"""
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {users}
@@ -91,10 +80,10 @@ passdb {{
 
 
 @pytest.fixture(scope="module")
-def postfix(work_dir, daemon, dovecot):
+def postfix(postfix_dovecot_dir, daemon, dovecot):
     socketmap = f"socketmap:unix:{daemon.socketmap_socket}"
     instance = PostfixInstance(
-        work_dir / "postfix-instance",
+        postfix_dovecot_dir / "postfix-instance",
         policy_socket=daemon.policy_socket,
         socketmap_socket=daemon.socketmap_socket,
         main_cf={
