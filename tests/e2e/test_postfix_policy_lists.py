@@ -10,18 +10,22 @@ domain lists.test added by mailcloakctl (through the daemon's config, so on the 
 - team@lists.test -> alice, bob (send policy `members`);
 - announce@lists.test -> alice, bob (`nobody`);
 - board@lists.test -> alice, bob (`listed` dave);
+- crew@lists.test -> gina, hank (only the IdP-outage test uses it);
 - the catch-all @lists.test -> frank;
 - the apps Expired (expired in 2001) and Fresh (expires in 2999), both allowed news@lists.test.
 
-Keycloak users: alice, bob, dave, erin and frank, each <name>@lists.test. The module d1.test of
-the other Postfix module is left alone. Everything is delivered to discard(8), so the maillog's
-`status=sent (virtual-delivered)` lines prove the deliveries.
+Keycloak users: alice, bob, dave, erin, frank, gina and hank, each <name>@lists.test. The d1.test
+expectations of the other Postfix modules are left alone. Everything is delivered to discard(8),
+so the maillog's `status=sent (virtual-delivered)` lines prove the deliveries. A list changed by
+mailcloakctl while everything runs reaches Postfix; with the IdP down, list deliveries go on and
+a catch-all address is deferred (never misdelivered).
 """
 
 from __future__ import annotations
 
 import re
 import smtplib
+import time
 
 import pytest
 
@@ -35,12 +39,17 @@ from test_postfix_native_maps import MESSAGE, SENT, deliveries, send
 pytestmark = pytest.mark.e2e
 
 DOMAIN = "lists.test"
-USERS = ["alice", "bob", "dave", "erin", "frank"]
+USERS = ["alice", "bob", "dave", "erin", "frank", "gina", "hank"]
 KC_CLIENT_ID = "mailcloak"
 KC_CLIENT_SECRET = "kc-lists-e2e-secret"
 EXPIRED_PASSWORD = "expired-app-secret"
 FRESH_PASSWORD = "fresh-app-secret"
 OUTSIDE = "someone@outside.test"
+# The maillog warnings this module provokes on purpose.
+IDP_OUTAGE_WARNINGS = (
+    r"warning: socketmap:.*:alias socketmap server temporary error: identity provider unavailable$",
+    r'warning: socketmap:.*:alias lookup error for "unseen@lists.test"$')
+EXPIRED_AUTH_WARNING = r"warning: .*: SASL PLAIN authentication failed: .*, sasl_username=expired$"
 NOT_OWNED = (553, b"5.7.1 <someone@outside.test>: Recipient address rejected: "
                   b"Sender not owned by authenticated user")
 
@@ -76,6 +85,7 @@ def daemon(postfix_dovecot_dir, keycloak, e2e_go_site):
                  ["aliases", "senders", f"announce@{DOMAIN}", "nobody"],
                  ["aliases", "add", f"board@{DOMAIN}", "alice", "bob"],
                  ["aliases", "senders", f"board@{DOMAIN}", "listed", "dave"],
+                 ["aliases", "add", f"crew@{DOMAIN}", "gina", "hank"],
                  ["aliases", "add", f"@{DOMAIN}", "frank"],
                  ["apps", "add", "Expired", EXPIRED_PASSWORD, "--expires", "2001-01-01"],
                  ["apps", "allow", "Expired", f"news@{DOMAIN}"],
@@ -195,6 +205,60 @@ def test_sending_as_a_list_follows_its_send_policy(postfix, keycloak, user, send
         assert deliveries(postfix, queue_id) == {OUTSIDE: (None, "sent", "outbound-delivered")}
 
 
+# --- a list changed with mailcloakctl while everything runs --------------------------------------
+
+def wait_for_alias_answer(postfix, daemon, key: str, expected: str, timeout: float = 15) -> None:
+    """Until Postfix's own socketmap client reads `expected` for `key` (the daemon reloads when
+    its store reports the commit)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = postfix.postmap_query(key, f"socketmap:unix:{daemon.socketmap_socket}:alias")
+        if result.stdout.strip() == expected:
+            return
+        assert time.monotonic() < deadline, (key, expected, result)
+        time.sleep(0.1)
+
+
+def test_member_added_with_mailcloakctl_receives_and_may_send(postfix, daemon, keycloak):
+    config = daemon.config_path
+    mailcloakctl(config, "aliases", "add-member", "team@lists.test", "dave")
+    try:
+        wait_for_alias_answer(postfix, daemon, "team@lists.test",
+                              "alice@lists.test,bob@lists.test,dave@lists.test")
+        _, queue_id = send(postfix, ["team@lists.test"])
+        assert sorted(deliveries(postfix, queue_id)) == ["alice@lists.test", "bob@lists.test",
+                                                         "dave@lists.test"]
+        client = smtp_xoauth2(postfix, "dave", keycloak.issue_user_token("dave"))
+        try:
+            assert client.mail("team@lists.test")[0] == 250
+            assert client.rcpt(OUTSIDE) == (250, b"2.1.5 Ok")
+        finally:
+            client.quit()
+    finally:
+        mailcloakctl(config, "aliases", "del-member", "team@lists.test", "dave")
+    wait_for_alias_answer(postfix, daemon, "team@lists.test", "alice@lists.test,bob@lists.test")
+
+
+# --- the IdP down: answers from the database stand, the rest is deferred ---------------------------
+
+def test_idp_outage_defers_the_catch_all_but_delivers_a_list(postfix, keycloak):
+    """crew@lists.test -> gina, hank: addresses nothing else in the module looks up, so no cached
+    IdP answer stands in for the IdP. The list comes from the database and its targets are never
+    caught (the loop guard needs no IdP); whether unseen@ is a user needs the IdP, so Postfix
+    defers it rather than giving it to the catch-all."""
+    keycloak.set_fault("500", {"users"})
+    try:
+        replies, queue_id = send(postfix, ["crew@lists.test", "unseen@lists.test"])
+        delivered = deliveries(postfix, queue_id)
+    finally:
+        keycloak.clear_fault()
+    assert replies == [(250, b"2.1.5 Ok"),
+                       (451, b"4.3.0 <unseen@lists.test>: Temporary lookup failure")]
+    assert delivered == {"gina@lists.test": ("crew@lists.test", *SENT),
+                         "hank@lists.test": ("crew@lists.test", *SENT)}
+    postfix.wait_for_log(IDP_OUTAGE_WARNINGS[0])
+
+
 # --- an app that has expired: Dovecot refuses the login itself -------------------------------------
 
 def login_plain(postfix, user: str, password: str) -> smtplib.SMTP:
@@ -208,8 +272,6 @@ def login_plain(postfix, user: str, password: str) -> smtplib.SMTP:
     return client
 
 
-# The one warning this module provokes on purpose.
-EXPIRED_AUTH_WARNING = r"warning: .*: SASL PLAIN authentication failed: .*, sasl_username=expired$"
 
 
 def test_expired_app_is_refused_at_auth(postfix, dovecot, daemon):
@@ -245,6 +307,7 @@ def test_no_errors_logged(daemon, postfix, dovecot):
     assert not bad, "\n".join(bad)
     unexpected = [line for line in postfix.maillog().splitlines()
                   if re.search(r"(warning|error|fatal|panic):", line)
-                  and not re.search(EXPIRED_AUTH_WARNING, line)]
+                  and not any(re.search(expected, line)
+                              for expected in (EXPIRED_AUTH_WARNING, *IDP_OUTAGE_WARNINGS))]
     assert not unexpected, "\n".join(unexpected)
     assert not re.search(r"\b(Error|Fatal|Panic):", dovecot.log()), dovecot.log()
