@@ -6,7 +6,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pg_cluster import PostgresCluster, run_sync, unavailable_reason  # noqa: E402
-from stores import PostgresSite, SQLiteSite  # noqa: E402
+from stores import PostgresSite, SQLiteSite, postgres_site  # noqa: E402
 from support import DaemonProcess, make_go_database, write_config  # noqa: E402
 
 
@@ -60,20 +60,11 @@ def store_kind() -> str:
     return "sqlite"
 
 
-def _postgres_site(request, template: str | None):
-    cluster = request.getfixturevalue("pg_cluster")
-    if template is not None:
-        template = request.getfixturevalue(template)
-    site = PostgresSite(cluster, cluster.create_database(template))
-    request.addfinalizer(lambda: cluster.drop_database(site.database))
-    return site
-
-
 @pytest.fixture
 def go_site(request, store_kind, tmp_path):
     """The Go project's data in a store of `store_kind` (for SQLite, conftest's go_db file)."""
     if store_kind == "postgres":
-        return _postgres_site(request, "pg_go_template")
+        return postgres_site(request, "pg_go_template")
     return SQLiteSite(request.getfixturevalue("go_db"))
 
 
@@ -81,7 +72,7 @@ def go_site(request, store_kind, tmp_path):
 def new_site(request, store_kind, tmp_path):
     """An empty database of `store_kind` (the SQLite file does not exist yet)."""
     if store_kind == "postgres":
-        return _postgres_site(request, None)
+        return postgres_site(request, None)
     return SQLiteSite(tmp_path / "new" / "state.db")
 
 

@@ -109,6 +109,17 @@ class PostgresSite:
         return f"postgres:{self.dsn}"
 
 
+def postgres_site(request, template: str | None) -> PostgresSite:
+    """A fresh database of the session's cluster, a copy of the database the fixture named
+    `template` returns (if any), dropped when `request`'s scope (test or module) ends."""
+    cluster = request.getfixturevalue("pg_cluster")
+    if template is not None:
+        template = request.getfixturevalue(template)
+    site = PostgresSite(cluster, cluster.create_database(template))
+    request.addfinalizer(lambda: cluster.drop_database(site.database))
+    return site
+
+
 def dump(site) -> str:
     """Every row of every table, in a stable order: equal dumps mean nothing changed."""
     from mailcloak.store.copy import TABLES

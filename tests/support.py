@@ -187,6 +187,14 @@ class DaemonProcess:
         return self.proc.returncode
 
 
+def mailcloakctl(config: Path, *argv: str) -> None:
+    """A mailcloakctl command that must succeed, on the store that `config` names (a daemon's).
+    In this process (its `main`): a fixture that sets up a site saves an interpreter start each."""
+    from mailcloak import ctl
+
+    assert ctl.main(["--config", str(config), *argv]) == 0, argv
+
+
 def policy_request(**attributes: str) -> bytes:
     """One policy request as Postfix frames it (only the given attributes plus `request`)."""
     lines = ["request=smtpd_access_policy"] + [f"{k}={v}" for k, v in attributes.items()]

@@ -3,8 +3,8 @@ catch-all on the `alias` map, and the native maps `domain` (virtual_mailbox_doma
 (virtual_mailbox_maps) and `sender_login` (smtpd_sender_login_maps with
 reject_sender_login_mismatch), with SASL through a real Dovecot 2.3.
 
-The daemon runs over the Go project's database brought to schema 2 by `mailcloakctl init`, plus
-a list team@d1.test -> alice, bob, an alias ann@d1.test -> alice, and the catch-all @d2.test ->
+The module runs once per store (SQLite, PostgreSQL: tests/e2e/conftest.py). The daemon runs over
+the Go project's data brought to schema 2 by `mailcloakctl init`, plus a list team@d1.test -> alice, bob, an alias ann@d1.test -> alice, and the catch-all @d2.test ->
 carol. Static users: alice@d1.test, bob@d1.test, carol@d2.test, erin@d2.test, dave@d1.test
 (disabled). Dovecot authenticates the app "Mailer" through the shipped Lua passdb and the users
 alice and bob through a passwd-file (standing in for the IdP's XOAUTH2, which Postfix's
@@ -15,15 +15,13 @@ delivered to discard(8), so `status=sent (virtual-delivered)` lines prove the de
 from __future__ import annotations
 
 import re
-import shutil
 import smtplib
-import subprocess
 
 import pytest
 
-from dovecot_instance import DovecotInstance, dovecot_unavailable_reason
-from postfix_instance import PostfixInstance, free_ports, postfix_unavailable_reason, world_readable_tmpdir
-from support import GO_APP_PASSWORD, REPO, DaemonProcess, make_go_database, write_config
+from dovecot_instance import DovecotInstance
+from postfix_instance import PostfixInstance, free_ports
+from support import GO_APP_PASSWORD, DaemonProcess, mailcloakctl, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -40,34 +38,20 @@ DELIVERY = re.compile(r"to=<(?P<to>[^>]*)>, (?:orig_to=<(?P<orig_to>[^>]*)>, )?.
                       r"\((?P<text>.*)\)$")
 
 
-def ctl(db, *argv: str) -> None:
-    subprocess.run([str(REPO / "mailcloakctl"), "--db", str(db), *argv], check=True,
-                   capture_output=True, text=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
-def work_dir():
-    for reason in (postfix_unavailable_reason(), dovecot_unavailable_reason()):
-        if reason:
-            pytest.skip("E2E SKIPPED, " + reason)
-    path = world_readable_tmpdir("mailcloak-maps-e2e-")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def daemon(work_dir):
-    daemon_dir = work_dir / "daemon"
+def daemon(postfix_dovecot_dir, e2e_go_site):
+    daemon_dir = postfix_dovecot_dir / "daemon"
     daemon_dir.mkdir()
     daemon_dir.chmod(0o755)
-    db = make_go_database(daemon_dir / "state.db")
-    ctl(db, "init")
-    ctl(db, "aliases", "add", "team@d1.test", "alice", "bob")
-    ctl(db, "aliases", "add", "ann@d1.test", "alice")
-    ctl(db, "aliases", "add", "@d2.test", "carol")
     (port,) = free_ports(1)
-    proc = DaemonProcess(write_config(daemon_dir, idp={"provider": "static", "static": {"users": USERS}},
-                                      http={"listen": f"127.0.0.1:{port}"}))
+    config = write_config(daemon_dir, idp={"provider": "static", "static": {"users": USERS}},
+                          http={"listen": f"127.0.0.1:{port}"}, **e2e_go_site.config_sections())
+    for argv in (["init"],
+                 ["aliases", "add", "team@d1.test", "alice", "bob"],
+                 ["aliases", "add", "ann@d1.test", "alice"],
+                 ["aliases", "add", "@d2.test", "carol"]):
+        mailcloakctl(config, *argv)
+    proc = DaemonProcess(config)
     proc.url = f"http://127.0.0.1:{port}"
     try:
         proc.start()
@@ -77,11 +61,11 @@ def daemon(work_dir):
 
 
 @pytest.fixture(scope="module")
-def dovecot(work_dir, daemon):
-    users = work_dir / "dovecot-users"
+def dovecot(postfix_dovecot_dir, daemon):
+    users = postfix_dovecot_dir / "dovecot-users"
     users.write_text("".join(f"{name}:{{PLAIN}}{secret}\n" for name, secret in PASSWORDS.items()))
     users.chmod(0o644)
-    instance = DovecotInstance(work_dir / "dovecot", daemon_url=daemon.url, imap=False, extra_conf=f"""
+    instance = DovecotInstance(postfix_dovecot_dir / "dovecot", daemon_url=daemon.url, imap=False, extra_conf=f"""
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {users}
@@ -96,10 +80,10 @@ passdb {{
 
 
 @pytest.fixture(scope="module")
-def postfix(work_dir, daemon, dovecot):
+def postfix(postfix_dovecot_dir, daemon, dovecot):
     socketmap = f"socketmap:unix:{daemon.socketmap_socket}"
     instance = PostfixInstance(
-        work_dir / "postfix-instance",
+        postfix_dovecot_dir / "postfix-instance",
         policy_socket=daemon.policy_socket,
         socketmap_socket=daemon.socketmap_socket,
         main_cf={
@@ -254,6 +238,10 @@ def test_login_may_not_send_as_another(postfix, dovecot, login, sender):
 def test_unauthenticated_client_may_not_use_an_owned_address(postfix):
     (reply,), _ = send(postfix, ["alice@d1.test"], sender="bob@d1.test")
     assert reply[0] == 553 and b"Sender address rejected: not logged in" in reply[1], reply
+
+
+def test_the_daemon_used_the_modules_store(postfix, daemon, e2e_go_site):
+    assert f"database {e2e_go_site.location})" in daemon.log()
 
 
 def test_no_errors_logged(daemon, postfix):

@@ -1,6 +1,7 @@
 """SPEC §6 rows 1-5 and §7 through a real Postfix 3.7: smtplib sessions, the maillog, postmap -q.
 
-The daemon runs as a process over the Go project's database (d1.test and d2.test enabled, d3.test
+The module runs once per store (SQLite, PostgreSQL: tests/e2e/conftest.py). The daemon runs as
+a process over the Go project's data (d1.test and d2.test enabled, d3.test
 disabled; aliases alias1@d1.test -> alice and sales@d2.test -> bob enabled, off@d1.test disabled,
 old@d3.test in the disabled domain) with the static users alice@d1.test, Bob@D2.test and the
 disabled carol@d1.test. Postfix delivers every accepted message to discard(8), so the maillog
@@ -257,6 +258,10 @@ def test_postmap_query_not_found(postfix, key):
 
 
 # --- nothing went wrong on either side ---------------------------------------------------------
+
+def test_the_daemon_used_the_modules_store(postfix, e2e_daemon, e2e_go_site):
+    assert f"database {e2e_go_site.location})" in e2e_daemon.log()
+
 
 def test_no_errors_logged_by_postfix_or_the_daemon(postfix, e2e_daemon):
     maillog = postfix.maillog()
