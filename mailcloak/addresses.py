@@ -56,11 +56,15 @@ def split_extension(address: str, delimiters: str) -> Split:
     if not delimiters or at <= 0:
         return Split(address, "")
     local = address[:at]
-    cut = -1  # the first delimiter of the local part (strcspn), found by str.find: no Python loop
-    for delimiter in delimiters:
-        i = local.find(delimiter)
-        if i >= 0 and (cut < 0 or i < cut):
-            cut = i
+    # The first delimiter of the local part (strcspn), found by str.find: no loop per character.
+    if len(delimiters) == 1:  # the usual recipient_delimiter
+        cut = local.find(delimiters)
+    else:
+        cut = -1
+        for delimiter in delimiters:
+            i = local.find(delimiter)
+            if i >= 0 and (cut < 0 or i < cut):
+                cut = i
     if cut <= 0 or local in _NEVER_SPLIT:  # none, or the first one starts the local part
         return Split(address, "")
     if "-" in delimiters and (local.startswith("owner-")
