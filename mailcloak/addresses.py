@@ -55,18 +55,22 @@ def split_extension(address: str, delimiters: str) -> Split:
     at = address.rfind("@")
     if not delimiters or at <= 0:
         return Split(address, "")
-    local, domain = address[:at], address[at:]
-    if local in _NEVER_SPLIT:
+    local = address[:at]
+    # The first delimiter of the local part (strcspn), found by str.find: no loop per character.
+    if len(delimiters) == 1:  # the usual recipient_delimiter
+        cut = local.find(delimiters)
+    else:
+        cut = -1
+        for delimiter in delimiters:
+            i = local.find(delimiter)
+            if i >= 0 and (cut < 0 or i < cut):
+                cut = i
+    if cut <= 0 or local in _NEVER_SPLIT:  # none, or the first one starts the local part
         return Split(address, "")
     if "-" in delimiters and (local.startswith("owner-")
                               or (len(local) > 8 and local.endswith("-request"))):
         return Split(address, "")
-    for i, char in enumerate(local):
-        if char in delimiters:
-            if i == 0:
-                break
-            return Split(local[:i] + domain, local[i:])
-    return Split(address, "")
+    return Split(local[:cut] + address[at:], local[cut:])
 
 
 def add_extension(address: str, extension: str) -> str:

@@ -121,19 +121,29 @@ def alias_map(key: str, snapshot: Snapshot, delimiters: str, idp: IdentityProvid
         return NOTFOUND
     alias = snapshot.active_alias(address)
     if alias is not None:
-        return _ok(alias.target_addresses)
+        return _alias_reply(alias, "")
     base, extension = split_extension(address, delimiters)
     if extension:
         alias = snapshot.active_alias(base)
         if alias is not None:
-            return _ok(alias.target_addresses, extension)
-    domain = domain_of(address)
+            return _alias_reply(alias, extension)
+    domain = address[address.rfind("@") + 1:]  # _address: lower-case, with an '@'
     catch_all = snapshot.catch_all(domain)
     if catch_all is not None and (snapshot.is_alias_target(address) or snapshot.is_alias_target(base)):
         catch_all = None
     if catch_all is None and not (idp.lists_enabled and snapshot.is_local(domain)):
         return NOTFOUND  # nothing further could match: no IdP question
     return _alias_from_idp(address, base, extension, catch_all, idp)
+
+
+def _alias_reply(alias: Alias, extension: str) -> Reply:
+    """`_ok(alias.target_addresses, extension)`, without its generators for the common alias of
+    one target (the same answer: the extension goes before the '@' of `target@domain`)."""
+    if alias.extra_targets or "@" in alias.domain:
+        return _ok(alias.target_addresses, extension)
+    if extension and not is_safe_token(extension):
+        extension = ""
+    return Reply("OK", f"{alias.target_user}{extension}@{alias.domain}")
 
 
 async def _alias_from_idp(address: str, base: str, extension: str, catch_all: Alias | None,

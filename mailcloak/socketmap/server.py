@@ -84,11 +84,10 @@ class SocketmapService:
     def _framed(request: bytes, reply: Reply) -> tuple[bytes, tuple[str, str]]:
         """The netstring and its (map, status) metrics label, which travels with a memoised answer."""
         payload = reply.encode()
+        status = reply.status
         if len(payload) > MAX_REPLY:
-            payload = b"TEMP reply too large"
-        label = (request.partition(b" ")[0].decode("ascii", "replace")[:32],
-                 payload.split(b" ", 1)[0].decode("ascii"))
-        return encode(payload), label
+            payload, status = b"TEMP reply too large", "TEMP"
+        return encode(payload), (request[:request.find(b" ")].decode("ascii", "replace")[:32], status)
 
     def answer(self, request: bytes) -> Reply | Awaitable[Reply]:
         name, sep, key_bytes = request.partition(b" ")
