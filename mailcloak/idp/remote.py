@@ -24,11 +24,6 @@ class RemoteProvider(IdentityProvider):
             stale_if_error=config.stale_if_error_seconds, max_entries=config.cache_max_entries,
             clock=clock, failures=self.failures)
 
-    @property
-    def http_requests(self) -> dict[str, int]:
-        """HTTP requests sent, per endpoint."""
-        return self._http.requests
-
     def health(self) -> dict[str, Any]:
         return {"ok": not self.failures.failing, "failing": sorted(self.failures.kinds)}
 

@@ -36,11 +36,6 @@ class Alias:
     listed_senders: tuple[str, ...] = ()  # IdP usernames, for send_policy "listed"
 
     @property
-    def target_address(self) -> str:
-        """What the socketmap rewrites the alias to: `target_user@<domain of the alias>`."""
-        return f"{self.target_user}@{self.domain}"
-
-    @property
     def targets(self) -> tuple[str, ...]:
         """Every target username, the first one (aliases.target_user) first."""
         return (self.target_user, *self.extra_targets)

@@ -452,7 +452,7 @@ async def test_snapshot_from_go_rows(go_store):
     assert not snapshot.is_local("d3.test")          # disabled
     assert not snapshot.is_local("elsewhere.test")
     assert snapshot.is_local("legacy.test")          # legacy policy.domain
-    assert snapshot.active_alias("alias1@d1.test").target_address == "alice@d1.test"
+    assert snapshot.active_alias("alias1@d1.test").target_addresses == ("alice@d1.test",)
     assert snapshot.active_alias("sales@d2.test").target_user == "bob"
     assert snapshot.active_alias("off@d1.test") is None      # disabled alias
     assert snapshot.active_alias("old@d3.test") is None      # disabled domain
