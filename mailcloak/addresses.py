@@ -47,6 +47,9 @@ def split_extension(address: str, delimiters: str) -> Split:
       set splits it (strcspn), whichever delimiter it is. An empty set turns sub-addressing off;
     - when that first one starts the local part, the address is not split at all (the base would
       be empty), even if another delimiter follows;
+    - a delimiter that ends the local part splits off an empty tag: `user+@domain` gives
+      (`user@domain`, `+`), as strip_addr keeps the delimiter itself as the extension, so the
+      socketmap answers `target+@domain` as Postfix's own tables would;
     - postmaster, mailer-daemon and double-bounce are never split;
     - when `-` is a delimiter, `owner-list` and `list-request` are not split (Postfix's
       owner_request_special, default yes: mailing-list conventions older than sub-addressing).

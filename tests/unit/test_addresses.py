@@ -110,7 +110,7 @@ def test_check_domain_refuses(domain):
     ("alice-a+b@d1.test", "+-", ("alice@d1.test", "-a+b")),
     ("alice-a+b@d1.test", "-+", ("alice@d1.test", "-a+b")),   # order of the set does not matter
     ("alice.tag@d1.test", "+-.", ("alice@d1.test", ".tag")),
-    ("alice+@d1.test", "+", ("alice@d1.test", "+")),
+    ("alice+@d1.test", "+", ("alice@d1.test", "+")),         # strip_addr keeps the bare delimiter
     ("+tag@d1.test", "+", ("+tag@d1.test", "")),              # the local part would be empty
     ("-a+b@d1.test", "+-", ("-a+b@d1.test", "")),
     ("alice+tag@d1.test", "", ("alice+tag@d1.test", "")),     # sub-addressing off
