@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -185,6 +186,17 @@ class DaemonProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+@contextlib.contextmanager
+def running(service):
+    """A daemon, Postfix or Dovecot (anything with start() returning itself, and stop()) started
+    for the block and stopped after it, also when starting or the block fails: a fixture that
+    yields inside it stops what it started whatever its tests did."""
+    try:
+        yield service.start()
+    finally:
+        service.stop()
 
 
 def mailcloakctl(config: Path, *argv: str) -> None:

@@ -28,7 +28,7 @@ from postfix_instance import (  # noqa: E402
     world_readable_tmpdir,
 )
 from stores import STORE_KINDS, SQLiteSite, postgres_site  # noqa: E402
-from support import DaemonProcess, make_go_database, write_config  # noqa: E402
+from support import DaemonProcess, make_go_database, running, write_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +80,8 @@ def e2e_daemon(e2e_dir, e2e_go_site):
     daemon_dir.mkdir()
     daemon_dir.chmod(0o755)
     proc = DaemonProcess(write_config(daemon_dir, **e2e_go_site.config_sections()))
-    try:
-        proc.start()
+    with running(proc):
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +110,6 @@ def postfix(e2e_dir, e2e_daemon):
             }),
         ],
     )
-    try:
-        instance.start()
+    with running(instance):
         yield instance
-    finally:
-        instance.stop()
-        instance.remove()
+    instance.remove()

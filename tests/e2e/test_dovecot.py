@@ -22,7 +22,7 @@ import pytest
 
 from dovecot_instance import DovecotInstance, dovecot_unavailable_reason
 from postfix_instance import PostfixInstance, free_ports, postfix_unavailable_reason, world_readable_tmpdir
-from support import GO_APP_PASSWORD, DaemonProcess, go_hash, make_go_database, write_config
+from support import GO_APP_PASSWORD, DaemonProcess, go_hash, make_go_database, running, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -81,22 +81,16 @@ def http_daemon(work_dir):
     proc.url = f"http://127.0.0.1:{port}"
     proc.db = db
     proc.secret_file = str(secret)
-    try:
-        proc.start()
+    with running(proc):
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")
 def dovecot(work_dir, http_daemon):
     instance = DovecotInstance(work_dir / "dovecot", daemon_url=http_daemon.url,
                                secret_file=http_daemon.secret_file)
-    try:
-        instance.start()
+    with running(instance):
         yield instance
-    finally:
-        instance.stop()
 
 
 @pytest.fixture
@@ -262,12 +256,9 @@ def postfix_sasl(work_dir, http_daemon, dovecot):
             "smtpd_sasl_path": str(dovecot.auth_postfix_socket),
         },
     )
-    try:
-        instance.start()
+    with running(instance):
         yield instance
-    finally:
-        instance.stop()
-        instance.remove()
+    instance.remove()
 
 
 def login(postfix, user: str, password: str, mechanism: str = "PLAIN") -> smtplib.SMTP:

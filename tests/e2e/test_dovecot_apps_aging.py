@@ -13,7 +13,7 @@ import pytest
 from dovecot_instance import DovecotInstance
 from mailcloak import ctl
 from postfix_instance import free_ports
-from support import GO_APP_PASSWORD, DaemonProcess, make_go_database, write_config
+from support import GO_APP_PASSWORD, DaemonProcess, make_go_database, running, write_config
 # The Dovecot module's fixtures (work_dir, flushed: bound here to this module's `dovecot`) and
 # checks of doveadm's answer.
 from test_dovecot import assert_refused, auth_ok, flushed, require_dovecot, work_dir  # noqa: F401
@@ -38,21 +38,15 @@ def daemon(work_dir):
     (port,) = free_ports(1)
     proc = DaemonProcess(write_config(daemon_dir, http={"listen": f"127.0.0.1:{port}"}))
     proc.url, proc.db = f"http://127.0.0.1:{port}", db
-    try:
-        proc.start()
+    with running(proc):
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")
 def dovecot(work_dir, daemon):
     instance = DovecotInstance(work_dir / "dovecot", daemon_url=daemon.url, imap=False)
-    try:
-        instance.start()
+    with running(instance):
         yield instance
-    finally:
-        instance.stop()
 
 
 def test_expired_app_fails(flushed, daemon):

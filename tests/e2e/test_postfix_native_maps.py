@@ -21,7 +21,7 @@ import pytest
 
 from dovecot_instance import DovecotInstance
 from postfix_instance import PostfixInstance, free_ports
-from support import GO_APP_PASSWORD, DaemonProcess, mailcloakctl, write_config
+from support import GO_APP_PASSWORD, DaemonProcess, mailcloakctl, running, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -53,11 +53,8 @@ def daemon(postfix_dovecot_dir, e2e_go_site):
         mailcloakctl(config, *argv)
     proc = DaemonProcess(config)
     proc.url = f"http://127.0.0.1:{port}"
-    try:
-        proc.start()
+    with running(proc):
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +69,8 @@ passdb {{
   mechanisms = plain login
 }}
 """)
-    try:
-        instance.start()
+    with running(instance):
         yield instance
-    finally:
-        instance.stop()
 
 
 @pytest.fixture(scope="module")
@@ -99,12 +93,9 @@ def postfix(postfix_dovecot_dir, daemon, dovecot):
             "smtpd_sasl_path": str(dovecot.auth_postfix_socket),
         },
     )
-    try:
-        instance.start()
+    with running(instance):
         yield instance
-    finally:
-        instance.stop()
-        instance.remove()
+    instance.remove()
 
 
 def send(postfix, recipients: list[str], sender: str = "someone@outside.test",

@@ -31,7 +31,7 @@ import pytest
 
 from dovecot_instance import DovecotInstance
 from postfix_instance import PostfixInstance, free_ports
-from support import DaemonProcess, mailcloakctl, write_config
+from support import DaemonProcess, mailcloakctl, running, write_config
 from test_dovecot import smtp_xoauth2
 # One SMTP transaction and its deliveries, read from the maillog, as the native-maps module has them.
 from test_postfix_native_maps import MESSAGE, SENT, deliveries, send
@@ -94,21 +94,15 @@ def daemon(postfix_dovecot_dir, keycloak, e2e_go_site):
         mailcloakctl(config, *argv)
     proc = DaemonProcess(config)
     proc.url = f"http://127.0.0.1:{port}"
-    try:
-        proc.start()
+    with running(proc):
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")
 def dovecot(postfix_dovecot_dir, daemon):
     instance = DovecotInstance(postfix_dovecot_dir / "dovecot", daemon_url=daemon.url, imap=False)
-    try:
-        instance.start()
+    with running(instance):
         yield instance
-    finally:
-        instance.stop()
 
 
 @pytest.fixture(scope="module")
@@ -124,12 +118,9 @@ def postfix(postfix_dovecot_dir, daemon, dovecot):
             "smtpd_sasl_path": str(dovecot.auth_postfix_socket),
         },
     )
-    try:
-        instance.start()
+    with running(instance):
         yield instance
-    finally:
-        instance.stop()
-        instance.remove()
+    instance.remove()
 
 
 # --- receiving: the policy accepts, the alias map rewrites ----------------------------------------
