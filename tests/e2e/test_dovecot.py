@@ -1,7 +1,7 @@
 """SPEC §8 with a real Dovecot 2.3 (the shipped Lua script and 2.3 snippet), and the whole chain
 with a real Postfix 3.7 using Dovecot SASL (SPEC §6 rows 7 and 8).
 
-The daemon runs as a process over the Go project's database (app "Mailer", password
+The daemon runs as a process over the Go project's data, once in SQLite and once in PostgreSQL (app "Mailer", password
 GO_APP_PASSWORD, allowed to send as noreply@d1.test, billing@d1.test disabled) plus a disabled
 app "Paused", with http.listen on 127.0.0.1:<free port> and a shared secret that the Lua script
 reads from its settings file. Each failed Dovecot auth costs ~0.5 s (Dovecot 2.3 flushes failures
@@ -14,7 +14,6 @@ import imaplib
 import re
 import shutil
 import smtplib
-import sqlite3
 import subprocess
 import time
 
@@ -31,21 +30,16 @@ PAUSED_PASSWORD = "paused-app-secret"
 MESSAGE = b"From: app <noreply@d1.test>\r\nSubject: e2e\r\n\r\nbody\r\n"
 
 
-def add_app(db, app_id: str, password: str, enabled: bool = True, senders=()) -> None:
-    con = sqlite3.connect(db)
-    con.execute("INSERT INTO apps(app_id, secret_hash, enabled, updated_at) VALUES (?, ?, ?, 1700000000)",
-                (app_id, go_hash(password), int(enabled)))
-    con.executemany("INSERT INTO app_from(app_id, from_addr, enabled) VALUES (?, ?, 1)",
-                    [(app_id, s) for s in senders])
-    con.commit()
-    con.close()
+def add_app(site, app_id: str, password: str, enabled: bool = True, senders=()) -> None:
+    """An app written as the Go project's mailcloakctl writes it, into either store."""
+    site.execute("INSERT INTO apps(app_id, secret_hash, enabled, updated_at) VALUES (?, ?, ?, 1700000000)",
+                 (app_id, go_hash(password), int(enabled)))
+    for sender in senders:
+        site.execute("INSERT INTO app_from(app_id, from_addr, enabled) VALUES (?, ?, 1)", (app_id, sender))
 
 
-def set_app_enabled(db, app_id: str, enabled: bool) -> None:
-    con = sqlite3.connect(db)
-    con.execute("UPDATE apps SET enabled = ? WHERE app_id = ?", (int(enabled), app_id))
-    con.commit()
-    con.close()
+def set_app_enabled(site, app_id: str, enabled: bool) -> None:
+    site.execute("UPDATE apps SET enabled = ? WHERE app_id = ?", (int(enabled), app_id))
 
 
 # --- fixtures ----------------------------------------------------------------------------------
@@ -65,29 +59,39 @@ def work_dir(require_dovecot):
 
 
 @pytest.fixture(scope="module")
-def http_daemon(work_dir):
-    """The daemon with its HTTP listener, policy and socketmap sockets in a 0755 directory."""
-    daemon_dir = work_dir / "daemon"
+def store_dir(work_dir, e2e_store_kind):
+    """The folder of one store's daemon, Dovecot and Postfix (the module runs once per store)."""
+    path = work_dir / e2e_store_kind
+    path.mkdir()
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture(scope="module")
+def http_daemon(store_dir, e2e_go_site):
+    """The daemon with its HTTP listener, policy and socketmap sockets in a 0755 directory, over
+    the Go project's data in either store."""
+    daemon_dir = store_dir / "daemon"
     daemon_dir.mkdir()
     daemon_dir.chmod(0o755)
-    db = make_go_database(daemon_dir / "state.db")
-    add_app(db, "Paused", PAUSED_PASSWORD, enabled=False, senders=["paused@d1.test"])
+    add_app(e2e_go_site, "Paused", PAUSED_PASSWORD, enabled=False, senders=["paused@d1.test"])
     secret = daemon_dir / "dovecot-secret"
     secret.write_text(SECRET + "\n")
     secret.chmod(0o600)
     (port,) = free_ports(1)
     proc = DaemonProcess(write_config(daemon_dir, http={"listen": f"127.0.0.1:{port}",
-                                                        "shared_secret_file": str(secret)}))
+                                                        "shared_secret_file": str(secret)},
+                                      **e2e_go_site.config_sections()))
     proc.url = f"http://127.0.0.1:{port}"
-    proc.db = db
+    proc.site = e2e_go_site
     proc.secret_file = str(secret)
     with running(proc):
         yield proc
 
 
 @pytest.fixture(scope="module")
-def dovecot(work_dir, http_daemon):
-    instance = DovecotInstance(work_dir / "dovecot", daemon_url=http_daemon.url,
+def dovecot(store_dir, http_daemon):
+    instance = DovecotInstance(store_dir / "dovecot", daemon_url=http_daemon.url,
                                secret_file=http_daemon.secret_file)
     with running(instance):
         yield instance
@@ -172,14 +176,14 @@ def test_right_password_after_a_cached_failure_succeeds(flushed):
 def test_disabled_app_stops_working_once_dovecots_cache_entry_expires(flushed, http_daemon):
     """Disabling an app reaches the daemon within 2 s; Dovecot's cached success lives at most
     auth_cache_ttl (60 s in the snippet): the flush below stands in for that expiry."""
-    add_app(http_daemon.db, "Revoked", "revoked-secret", senders=["revoked@d1.test"])
+    add_app(http_daemon.site, "Revoked", "revoked-secret", senders=["revoked@d1.test"])
     deadline = time.monotonic() + 10
     while not auth_ok(flushed.auth_test("revoked", "revoked-secret", service="smtp")):
         assert time.monotonic() < deadline, flushed.log()[-3000:]
         time.sleep(0.3)
         flushed.flush_auth_cache()
     assert auth_ok(flushed.auth_test("revoked", "revoked-secret", service="smtp"))   # cached now
-    set_app_enabled(http_daemon.db, "Revoked", False)
+    set_app_enabled(http_daemon.site, "Revoked", False)
     deadline = time.monotonic() + 10
     while True:
         flushed.flush_auth_cache()
@@ -218,15 +222,15 @@ def test_app_imap_login_is_refused(flushed):
 # --- the daemon unreachable or refusing Dovecot: temporary failures ----------------------------
 
 @pytest.mark.parametrize("case", ["daemon down", "wrong shared secret"])
-def test_unusable_daemon_is_a_temporary_failure_not_a_rejection(work_dir, http_daemon, case):
+def test_unusable_daemon_is_a_temporary_failure_not_a_rejection(store_dir, http_daemon, case):
     if case == "daemon down":
         (port,) = free_ports(1)
         url, secret_file = f"http://127.0.0.1:{port}", http_daemon.secret_file
     else:
-        wrong = work_dir / "wrong-secret"
+        wrong = store_dir / "wrong-secret"
         wrong.write_text("not-the-secret\n")
         url, secret_file = http_daemon.url, str(wrong)
-    instance = DovecotInstance(work_dir / f"dovecot-{case.replace(' ', '-')}", daemon_url=url,
+    instance = DovecotInstance(store_dir / f"dovecot-{case.replace(' ', '-')}", daemon_url=url,
                                secret_file=secret_file, imap=False)
     try:
         instance.start()
@@ -242,12 +246,12 @@ def test_unusable_daemon_is_a_temporary_failure_not_a_rejection(work_dir, http_d
 # --- the whole chain: Postfix -> Dovecot SASL -> Lua -> daemon; policy rows 7 and 8 -------------
 
 @pytest.fixture(scope="module")
-def postfix_sasl(work_dir, http_daemon, dovecot):
+def postfix_sasl(store_dir, http_daemon, dovecot):
     reason = postfix_unavailable_reason()
     if reason:
         pytest.skip("E2E SKIPPED, " + reason)
     instance = PostfixInstance(
-        work_dir / "postfix-instance",
+        store_dir / "postfix-instance",
         policy_socket=http_daemon.policy_socket,
         socketmap_socket=http_daemon.socketmap_socket,
         main_cf={
