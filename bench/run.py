@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import signal
 import sqlite3
 import statistics
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,8 +31,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from loadgen import POLICY, SOCKETMAP, LoadResult, run_load  # noqa: E402
 from support import PolicyClient, SocketmapClient, write_config  # noqa: E402
-from workload import (make_database, policy_requests, socketmap_requests, socketmap_unique_requests,
-                      static_users)  # noqa: E402
+from workload import (CAPTURED, DUNNO, make_database, policy_requests, socketmap_requests,  # noqa: E402
+                      socketmap_unique_requests, static_users, user_email)
 
 KC_CLIENT, KC_SECRET = "mailcloak-bench", "bench-secret-7Hq"
 
@@ -262,6 +264,73 @@ def machine() -> str:
 
 # -- scale -------------------------------------------------------------------------------------
 
+def connect(path: str) -> PolicyClient:
+    """A policy connection; a full listen backlog (EAGAIN on a unix socket) is waited out."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return PolicyClient(path)
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def idp_requests(tmp: Path, args) -> str:
+    """The IdP targets against a fresh daemon and stand-in (cold caches): N policy requests over
+    K-1 distinct recipient addresses from 16 connections at once must cost K-1 users requests and
+    one token request; then 200 connections asking at the same moment about one address not yet
+    asked must cost one users request."""
+    k, n = args.k, 20 * args.k
+    db = make_database(tmp / "idp.db", k)
+    idp = KeycloakStandIn(k)
+    server = daemon_server(tmp, "idp-counts", "daemon, keycloak stand-in (cold)", db, k,
+                           keycloak_port=idp.port, uvloop="off")
+    try:
+        server.start()
+
+        def ask(i: int) -> bytes:
+            return CAPTURED.format(state="RCPT", port=40000, sender=f"s{i}@outside.example",
+                                   recipient=user_email(i), instance=f"i{i}", method="", login="").encode()
+
+        order = [n_ % (k - 1) for n_ in range(n)]
+        random.Random(4).shuffle(order)
+        slices = [order[c::args.connections] for c in range(args.connections)]
+
+        def drive(part: list[int]) -> int:
+            client, wrong = PolicyClient(server.policy_socket), 0
+            for i in part:
+                client.sock.sendall(ask(i))
+                wrong += client.read_reply() != DUNNO
+            client.close()
+            return wrong
+
+        with ThreadPoolExecutor(args.connections) as pool:
+            wrong = sum(pool.map(drive, slices))
+        first = idp.counts()
+        clients = [connect(server.policy_socket) for _ in range(200)]
+        for client in clients:  # every request sent before any reply is read
+            client.sock.sendall(ask(k - 1))
+        wrong_at_once = sum(client.read_reply() != DUNNO for client in clients)
+        for client in clients:
+            client.close()
+        second = idp.counts()
+    finally:
+        server.stop()
+        idp.stop()
+    same = second.get("users", 0) - first.get("users", 0)
+    return "\n".join([
+        "IdP requests (Keycloak stand-in, cold caches; 16 connections, then 200 at once):",
+        "",
+        "| requests | distinct addresses | users requests | token requests | wrong replies | target |",
+        "|---|---|---|---|---|---|",
+        f"| {n:,} policy requests | {k - 1} | {first.get('users', 0)} | {first.get('token', 0)} | {wrong} | "
+        f"{k - 1} users, 1 token |",
+        f"| 200 concurrent, one uncached address | 1 | {same} | {second.get('token', 0) - first.get('token', 0)} | "
+        f"{wrong_at_once} | 1 users, 0 token |",
+    ])
+
+
 def scale(tmp: Path, args) -> str:
     k = args.k
     db = make_database(tmp / "scale.db", k, extra_aliases=args.aliases - k)
@@ -425,6 +494,9 @@ def main() -> int:
                 print(f"| {server.label} | {server.startup:.2f} s | {server.status('VmHWM') / 1024:.0f} MB |")
             for note in notes:
                 print(f"\nNote: {note}")
+            print()
+        if not args.scale_only and not args.no_keycloak:
+            print(idp_requests(tmp, args))
             print()
         if not args.no_scale:
             print(scale(tmp, args))
