@@ -184,3 +184,12 @@ def socketmap_unique_requests(k: int, count: int = 200_000, seed: int = 3) -> li
             key, want = f"nobody{n}@{DOMAINS[n % 2]}", "NOTFOUND "
         out.append((_netstring(f"alias {key}"), _netstring(want)))
     return out
+
+
+def recipient_requests(users: range) -> list[tuple[bytes, bytes]]:
+    """(request, expected reply) per user: an outside sender to that user's address (row 5), so
+    that the daemon asks the IdP whether the address exists once per user."""
+    return [(CAPTURED.format(state="RCPT", port=40000 + i % 20000, sender=f"s{i}@outside.example",
+                             recipient=user_email(i), instance=f"i{i}", method="", login="").encode(),
+             f"action={DUNNO}\n\n".encode()) for i in users]
+
