@@ -123,6 +123,8 @@ def daemon_families(servers, runtime_ref, passdb_counters) -> Iterable:
     ok = GaugeMetricFamily("mailcloak_database_refresh_ok", "1 when the last refresh succeeded.")
     ok.add_metric([], 0.0 if state.last_error else 1.0)
     yield ok
+    yield counter_family("mailcloak_database_reloads", "Database state reloads by kind (full: every row "
+                         "read; changes: only the aliases the change log names).", ["kind"], state.reloads)
     stats = runtime.idp.stats()
     for key, name, documentation, label in (
         ("http_requests", "mailcloak_idp_http_requests", "HTTP requests sent to the IdP.", "endpoint"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Mapping
 
-from mailcloak.store.model import Alias, AppSettings, AppUsage, Rows
+from mailcloak.store.model import Alias, AliasChanges, AppSettings, AppUsage, Rows
 
 
 class Store(ABC):
@@ -34,6 +34,13 @@ class Store(ABC):
         """Every row of every table, read in one consistent transaction. `reuse`: the aliases of
         the previous load by lower-case address; an alias row that has not changed comes back as
         that same object."""
+
+    @abstractmethod
+    async def load_changes(self, log_position: int) -> AliasChanges | None:
+        """In one consistent transaction: domains and apps, and the aliases changed since the
+        load (or load_changes) that returned `log_position`. None when the store cannot tell
+        what changed (it keeps no change log, the log was pruned past that position, or the
+        database is not the one of that position): then `load()` everything."""
 
     @abstractmethod
     async def wait_for_change(self) -> None:

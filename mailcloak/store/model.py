@@ -124,6 +124,22 @@ class Rows:
     domains: tuple[Domain, ...] = ()
     aliases: tuple[Alias, ...] = ()
     apps: tuple[App, ...] = ()
+    # Where the store's alias change log stood when these rows were read (Store.load_changes);
+    # None when it keeps none. Not part of what the rows are (equality).
+    log_position: int | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class AliasChanges:
+    """What a store read since a log position: domains and apps whole (small tables), and the
+    aliases whose addresses the change log names: their rows now, and in `removed` those (as
+    stored) that have none any more."""
+
+    domains: tuple[Domain, ...]
+    aliases: tuple[Alias, ...]
+    apps: tuple[App, ...]
+    removed: tuple[str, ...]
+    log_position: int
 
 
 _EMPTY: Mapping = MappingProxyType({})

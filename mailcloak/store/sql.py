@@ -18,7 +18,13 @@ from typing import AsyncIterator, Mapping, Protocol
 from mailcloak.errors import InvalidInput, NotFound, SchemaOutdated
 from mailcloak.passwords import NO_SECRET
 from mailcloak.store.base import Store
-from mailcloak.store.model import SEND_POLICIES, Alias, App, AppSender, AppSettings, AppUsage, Domain, Rows
+from mailcloak.store.model import (SEND_POLICIES, Alias, AliasChanges, App, AppSender, AppSettings, AppUsage,
+                                   Domain, Rows)
+
+
+# Addresses per `IN (...)` when the changed aliases are read (SQLite's old limit of host
+# parameters is 999).
+_IN_BATCH = 500
 
 
 class Transaction(Protocol):
@@ -57,70 +63,120 @@ class SQLStore(Store):
 
     # Reads -------------------------------------------------------------------------------------
 
+    async def _change_log_position(self, tx: Transaction) -> int | None:
+        """The number of the last entry of the alias change log, or None when this backend or
+        this database has none (every reload then reads everything)."""
+        return None
+
     async def load(self, reuse: Mapping[str, Alias] | None = None) -> Rows:
         async with self._transaction(write=False) as tx:
             await self._load_started(tx)
+            log_position = await self._change_log_position(tx)
             # A Go database (version 1) opens as it is: the version 2 columns read as their
             # defaults until mailcloakctl init adds them (possibly while the daemon runs).
             v2 = await self._schema_version(tx) >= 2
-            # _text/_int: a row written by hand may hold a BLOB or a stray type (SQLite keeps
-            # what it is given); it must not stop the load (see _text).
-            domains = [
-                Domain(_text(name), bool(enabled), _int(updated_at))
-                async for name, enabled, updated_at in tx.rows(
-                    "SELECT domain_name, enabled, updated_at FROM domains"
-                )
-            ]
-            extra_targets: dict[str, list[str]] = {}
-            listed_senders: dict[str, list[str]] = {}
-            if v2:
-                async for address, target in tx.rows(
-                    "SELECT alias_email, target_user FROM alias_targets "
-                    "ORDER BY alias_email, position, target_user"
-                ):
-                    extra_targets.setdefault(_text(address), []).append(_text(target))
-                async for address, sender in tx.rows(
-                    "SELECT alias_email, sender_user FROM alias_senders ORDER BY alias_email, sender_user"
-                ):
-                    listed_senders.setdefault(_text(address), []).append(_text(sender))
+            domains = await self._domains(tx)
+            aliases = await self._aliases(tx, v2, reuse)
+            apps = await self._apps(tx, v2)
+        return Rows(domains, aliases, apps, log_position)
+
+    async def load_changes(self, log_position: int) -> AliasChanges | None:
+        async with self._transaction(write=False) as tx:
+            await self._load_started(tx)
+            now_at = await self._change_log_position(tx)
+            if now_at is None or now_at < log_position:
+                return None  # no log, or not the database of that position (replaced, restored)
+            addresses: set[str] = set()
+            entries = 0
+            async for (address,) in tx.rows("SELECT alias_email FROM alias_changes WHERE seq > ?",
+                                            (log_position,)):
+                addresses.add(_text(address))
+                entries += 1
+            if entries != now_at - log_position:
+                return None  # entries pruned or deleted: what changed cannot be told
+            v2 = await self._schema_version(tx) >= 2
+            domains = await self._domains(tx)
             aliases = []
-            known = reuse.get if reuse else {}.get
-            async for chunk in tx.chunks(
-                "SELECT alias_email, target_user, alias_domain_name, enabled, updated_at, "
-                + ("send_policy" if v2 else "'members'") + " FROM aliases"
+            ordered = sorted(addresses)
+            for start in range(0, len(ordered), _IN_BATCH):
+                aliases.extend(await self._aliases(tx, v2, None, tuple(ordered[start:start + _IN_BATCH])))
+            apps = await self._apps(tx, v2)
+        present = {alias.address for alias in aliases}
+        return AliasChanges(domains, tuple(aliases), apps, tuple(sorted(addresses - present)), now_at)
+
+    # _text/_int: a row written by hand may hold a BLOB or a stray type (SQLite keeps what it is
+    # given); it must not stop the load (see _text).
+
+    @staticmethod
+    async def _domains(tx: Transaction) -> tuple[Domain, ...]:
+        return tuple([
+            Domain(_text(name), bool(enabled), _int(updated_at))
+            async for name, enabled, updated_at in tx.rows(
+                "SELECT domain_name, enabled, updated_at FROM domains"
+            )
+        ])
+
+    @staticmethod
+    async def _aliases(tx: Transaction, v2: bool, reuse: Mapping[str, Alias] | None,
+                       only: tuple[str, ...] | None = None) -> tuple[Alias, ...]:
+        """Every alias, or those whose addresses are `only` (as stored)."""
+        where, params = "", ()
+        if only is not None:
+            where, params = f" WHERE alias_email IN ({', '.join('?' * len(only))})", only
+        extra_targets: dict[str, list[str]] = {}
+        listed_senders: dict[str, list[str]] = {}
+        if v2:
+            async for address, target in tx.rows(
+                "SELECT alias_email, target_user FROM alias_targets" + where
+                + " ORDER BY alias_email, position, target_user", params
             ):
-                for row in chunk:
-                    # An unchanged row gives the object of the previous load again: at 100 000
-                    # aliases, a reload then leaves few new objects for the collector to scan.
-                    kept = known(row[0])
-                    if (kept is not None and row == (kept.address, kept.target_user, kept.domain,
-                                                     kept.enabled, kept.updated_at, kept.send_policy)
-                            and not kept.extra_targets and not kept.listed_senders
-                            and row[0] not in extra_targets and row[0] not in listed_senders):
-                        aliases.append(kept)
-                        continue
-                    address, target, domain, enabled, updated_at, policy = row
-                    aliases.append(Alias(
-                        _text(address), _text(target), _text(domain), bool(enabled), _int(updated_at),
-                        tuple(extra_targets.get(_text(address), ())), _text(policy) or "members",
-                        tuple(listed_senders.get(_text(address), ()))))
-            senders: dict[str, list[AppSender]] = {}
-            async for app_id, address, enabled in tx.rows(
-                "SELECT app_id, from_addr, enabled FROM app_from ORDER BY app_id, from_addr"
+                extra_targets.setdefault(_text(address), []).append(_text(target))
+            async for address, sender in tx.rows(
+                "SELECT alias_email, sender_user FROM alias_senders" + where
+                + " ORDER BY alias_email, sender_user", params
             ):
-                senders.setdefault(_text(app_id), []).append(AppSender(_text(address), bool(enabled)))
-            apps = [
-                App(_text(app_id), _text(secret), bool(enabled), _int(updated_at),
-                    tuple(senders.get(_text(app_id), ())), _text(description),
-                    None if expires_at is None else _int(expires_at), tuple(_text(networks).split()))
-                async for app_id, secret, enabled, updated_at, description, expires_at, networks
-                in tx.rows(
-                    "SELECT app_id, secret_hash, enabled, updated_at, "
-                    + ("description, expires_at, networks" if v2 else "'', NULL, ''")
-                    + " FROM apps"
-                )
-            ]
-        return Rows(tuple(domains), tuple(aliases), tuple(apps))
+                listed_senders.setdefault(_text(address), []).append(_text(sender))
+        aliases = []
+        known = reuse.get if reuse else {}.get
+        async for chunk in tx.chunks(
+            "SELECT alias_email, target_user, alias_domain_name, enabled, updated_at, "
+            + ("send_policy" if v2 else "'members'") + " FROM aliases" + where, params
+        ):
+            for row in chunk:
+                # An unchanged row gives the object of the previous load again: at 100 000
+                # aliases, a reload then leaves few new objects for the collector to scan.
+                kept = known(row[0])
+                if (kept is not None and row == (kept.address, kept.target_user, kept.domain,
+                                                 kept.enabled, kept.updated_at, kept.send_policy)
+                        and not kept.extra_targets and not kept.listed_senders
+                        and row[0] not in extra_targets and row[0] not in listed_senders):
+                    aliases.append(kept)
+                    continue
+                address, target, domain, enabled, updated_at, policy = row
+                aliases.append(Alias(
+                    _text(address), _text(target), _text(domain), bool(enabled), _int(updated_at),
+                    tuple(extra_targets.get(_text(address), ())), _text(policy) or "members",
+                    tuple(listed_senders.get(_text(address), ()))))
+        return tuple(aliases)
+
+    @staticmethod
+    async def _apps(tx: Transaction, v2: bool) -> tuple[App, ...]:
+        senders: dict[str, list[AppSender]] = {}
+        async for app_id, address, enabled in tx.rows(
+            "SELECT app_id, from_addr, enabled FROM app_from ORDER BY app_id, from_addr"
+        ):
+            senders.setdefault(_text(app_id), []).append(AppSender(_text(address), bool(enabled)))
+        return tuple([
+            App(_text(app_id), _text(secret), bool(enabled), _int(updated_at),
+                tuple(senders.get(_text(app_id), ())), _text(description),
+                None if expires_at is None else _int(expires_at), tuple(_text(networks).split()))
+            async for app_id, secret, enabled, updated_at, description, expires_at, networks
+            in tx.rows(
+                "SELECT app_id, secret_hash, enabled, updated_at, "
+                + ("description, expires_at, networks" if v2 else "'', NULL, ''")
+                + " FROM apps"
+            )
+        ])
 
     # Writes ------------------------------------------------------------------------------------
 

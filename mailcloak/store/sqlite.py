@@ -11,7 +11,9 @@ through the connection it polls with: `PRAGMA data_version` does not change for 
 own commits, so that write never makes it reload its state.
 
 Change detection: `PRAGMA data_version` changes on a connection whenever another connection
-commits, is answered from memory, and so costs nothing to poll twice a second.
+commits, is answered from memory, and so costs nothing to poll twice a second. What changed:
+from version 3 on, the alias change log (`alias_changes`, SCHEMA_V3) lets a reload read only the
+aliases that changed (`load_changes`); a Go or version 2 database is read whole each time.
 """
 
 from __future__ import annotations
@@ -119,8 +121,48 @@ CREATE TABLE IF NOT EXISTS app_usage (
 """
 )
 
+# Version 3 (issue 6): a log of changed alias addresses, so that a running daemon re-reads only
+# the aliases that changed instead of every row (mailcloak.state). Triggers write it, so every
+# writer is logged: mailcloakctl, the Go project's tools, a hand edit in the sqlite3 shell, and
+# deletes cascaded from a domain. `seq` is AUTOINCREMENT, so numbers are never reused (the last
+# one issued stays in sqlite_sequence even when rows are deleted) and, SQLite having one writer
+# at a time, they follow commit order. The log keeps the last CHANGE_LOG_KEEP entries; a reader
+# further behind (or one that finds a number missing) reads everything.
+CHANGE_LOG_KEEP = 10_000
+_LOG_ALIAS = "INSERT INTO alias_changes(alias_email) VALUES ({row}.alias_email);"
+SCHEMA_V3 = (
+    f"""
+CREATE TABLE IF NOT EXISTS alias_changes (
+  seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+  alias_email TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS alias_changes_prune AFTER INSERT ON alias_changes
+BEGIN
+  DELETE FROM alias_changes WHERE seq <= NEW.seq - {CHANGE_LOG_KEEP};
+END;
+"""
+    + "".join(
+        f"""
+CREATE TRIGGER IF NOT EXISTS {table}_log_insert AFTER INSERT ON {table}
+BEGIN
+  {_LOG_ALIAS.format(row="NEW")}
+END;
+CREATE TRIGGER IF NOT EXISTS {table}_log_update AFTER UPDATE ON {table}
+BEGIN
+  {_LOG_ALIAS.format(row="OLD")}
+  {_LOG_ALIAS.format(row="NEW")}
+END;
+CREATE TRIGGER IF NOT EXISTS {table}_log_delete AFTER DELETE ON {table}
+BEGIN
+  {_LOG_ALIAS.format(row="OLD")}
+END;
+"""
+        for table in ("aliases", "alias_targets", "alias_senders")
+    )
+)
+
 # Numbered migrations: index i holds the script that brings user_version i to i + 1. Add only.
-MIGRATIONS: tuple[str, ...] = (SCHEMA_V1, SCHEMA_V2)
+MIGRATIONS: tuple[str, ...] = (SCHEMA_V1, SCHEMA_V2, SCHEMA_V3)
 SCHEMA_VERSION = len(MIGRATIONS)
 REQUIRED_TABLES = frozenset({"domains", "aliases", "apps", "app_from"})
 
@@ -251,6 +293,12 @@ class SQLiteStore(SQLStore):
     async def _schema_version(self, tx: Transaction) -> int:
         (version,) = await tx.fetchone("PRAGMA user_version")
         return int(version)
+
+    async def _change_log_position(self, tx: Transaction) -> int | None:
+        if await self._schema_version(tx) < 3:
+            return None
+        row = await tx.fetchone("SELECT seq FROM sqlite_sequence WHERE name = 'alias_changes'")
+        return 0 if row is None else int(row[0])
 
     async def _load_started(self, tx: Transaction) -> None:
         # What is loaded is the baseline of wait_for_change: a commit made after this point

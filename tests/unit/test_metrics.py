@@ -24,7 +24,8 @@ def test_render_counters_and_scrape_time_sources():
     metrics.socketmap_answers[("alias", "NOTFOUND")] += 3
     metrics.protocol_errors["socketmap"] += 1
     metrics.request_seconds.labels("policy").observe(0.002)
-    runtime = SimpleNamespace(state=SimpleNamespace(loaded_at=0.0, last_error="boom"), idp=_IdP())
+    runtime = SimpleNamespace(state=SimpleNamespace(loaded_at=0.0, last_error="boom",
+                                                    reloads={"full": 1, "changes": 3}), idp=_IdP())
     servers = [SimpleNamespace(name="policy", open_connections=4)]
     metrics.add_scrape_time_source(lambda: daemon_families(servers, SimpleNamespace(current=runtime),
                                                            {"ok": 9, "password_mismatch": 1}))
@@ -36,6 +37,7 @@ def test_render_counters_and_scrape_time_sources():
         'mailcloak_request_duration_seconds_bucket{le="0.0025",service="policy"} 1.0',
         'mailcloak_open_connections{service="policy"} 4.0',
         "mailcloak_database_refresh_ok 0.0",
+        'mailcloak_database_reloads_total{kind="changes"} 3.0',
         'mailcloak_idp_http_requests_total{endpoint="users"} 5.0',
         'mailcloak_idp_lookups_total{outcome="hits"} 7.0',
         'mailcloak_idp_errors_total{kind="timeout"} 2.0',
