@@ -10,6 +10,7 @@ shell user would expect.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import logging
 import math
@@ -259,6 +260,11 @@ class Config:
         return self.sqlite.path
 
 
+# libyaml's safe loader where PyYAML was built with it: the same documents and types, about 10 x
+# faster (a static provider's 1000 users: 0.2 s of every start and SIGHUP with the Python one).
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_config(path: str | Path) -> Config:
     """Read, map legacy keys, validate. Raises ConfigError with one clear line."""
     try:
@@ -272,7 +278,7 @@ def load_config(path: str | Path) -> Config:
 
 def parse_config(text: str, source: str = "<string>") -> Config:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_SAFE_LOADER)
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
@@ -355,6 +361,11 @@ def _optional(tp: Any) -> bool:
     return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
 
 
+# A section's annotations, resolved once per class (not once per list item: 1000 static users
+# took 70 ms to resolve again and again).
+_type_hints = functools.cache(typing.get_type_hints)
+
+
 def _build(tp: Any, value: Any, path: str) -> Any:
     """Turn parsed YAML into the annotated type, naming `path` in every error."""
     name = path or "the top level"
@@ -381,7 +392,7 @@ def _build(tp: Any, value: Any, path: str) -> Any:
             value = {}
         if not isinstance(value, dict):
             raise ConfigError(f"{name} must be a mapping")
-        hints = typing.get_type_hints(tp)
+        hints = _type_hints(tp)
         known = {f.name: f for f in dataclasses.fields(tp) if f.name != "source"}
         kwargs = {}
         for key, item in value.items():
