@@ -111,6 +111,68 @@ async def test_cache_is_bounded_and_evicts_the_least_recently_used(clock):
     assert len(cache) == 3
 
 
+async def test_eviction_follows_use_not_insertion_one_entry_at_a_time(clock):
+    cache = make_cache(clock, max_entries=3)
+    idp = Backend({k: IdPUser(k, f"{k}@d.test") for k in "abcd"})
+    for key in "abc":
+        await cache.get(key, idp.fetcher(key))
+    await cache.get("b", idp.fetcher("b"))      # order of use: a, c, b
+    await cache.get("a", idp.fetcher("a"))      # c, b, a
+    await cache.get("d", idp.fetcher("d"))      # evicts c alone
+    assert len(cache) == 3
+    assert [cache.peek(k) is not None for k in "abcd"] == [True, True, False, True]
+
+
+async def test_a_refreshed_entry_counts_as_just_used(clock):
+    cache = make_cache(clock, max_entries=2)
+    idp = Backend({k: IdPUser(k, f"{k}@d.test") for k in "abc"})
+    await cache.get("a", idp.fetcher("a"))
+    clock.now += 1
+    await cache.get("b", idp.fetcher("b"))
+    clock.now += 120                            # a is past its TTL, b is not
+    await cache.get("a", idp.fetcher("a"))      # fetched again: now the most recently used
+    await cache.get("c", idp.fetcher("c"))      # evicts b
+    assert cache.peek("a") is not None and cache.peek("b") is None
+    assert idp.calls == 4
+
+
+async def test_an_entry_past_its_stale_window_is_dropped_when_next_asked(clock):
+    cache, idp = make_cache(clock, ttl=120, stale_if_error=600), Backend({"a": ALICE})
+    await cache.get("a", idp.fetcher("a"))
+    await cache.get("nobody", idp.fetcher("nobody"))
+    clock.now += 31                             # the negative answer has no stale window
+    idp.error = IdPRequestError("test", "timeout")
+    with pytest.raises(IdPError):
+        await cache.get("nobody", idp.fetcher("nobody"))
+    assert len(cache) == 1 and cache.peek("a") == ALICE
+    clock.now += 120 + 600                      # the positive one is past TTL + stale window
+    with pytest.raises(IdPError):
+        await cache.get("a", idp.fetcher("a"))
+    assert len(cache) == 0
+
+
+async def test_the_bound_holds_whatever_the_entries_expiry(clock):
+    cache = make_cache(clock, max_entries=10)
+    idp = Backend({f"k{i}": ALICE for i in range(50)})
+    for i in range(50):
+        await cache.get(f"k{i}", idp.fetcher(f"k{i}"))
+        clock.now += 100                        # each one past its TTL by the time of the next
+        assert len(cache) <= 10
+    assert [cache.peek(f"k{i}") is not None for i in (39, 40, 49)] == [False, True, True]
+
+
+async def test_peek_neither_counts_nor_changes_the_order_of_use(clock):
+    cache = make_cache(clock, max_entries=2)
+    idp = Backend({k: IdPUser(k, f"{k}@d.test") for k in "abc"})
+    await cache.get("a", idp.fetcher("a"))
+    await cache.get("b", idp.fetcher("b"))
+    counters = dict(cache.counters)
+    assert cache.peek("a") == IdPUser("a", "a@d.test") and cache.peek("z") is None
+    assert cache.counters == counters
+    await cache.get("c", idp.fetcher("c"))      # a is still the least recently used
+    assert cache.peek("a") is None and cache.peek("b") is not None
+
+
 async def test_no_entries_means_no_caching_but_still_coalescing(clock):
     cache, idp = make_cache(clock, max_entries=0), Backend({"a": ALICE})
     idp.gate = asyncio.Event()
