@@ -11,9 +11,10 @@ username as their own field when it is equal, instead of a copy parsed from the 
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Final
+from typing import Callable, Final
 
 NO_ADDRESSES: Final[frozenset[str]] = frozenset()  # one object for every user without aliases
 
@@ -56,6 +57,9 @@ class IdentityProvider(ABC):
     """One provider per process; `close()` releases its HTTP session, if any."""
 
     name: str
+
+    clock: Callable[[], float] = staticmethod(time.monotonic)
+    """The clock (seconds) of the ends of freshness its cache notes (mailcloak.idp.freshness)."""
 
     @abstractmethod
     async def user_by_address(self, address: str) -> IdPUser | None:

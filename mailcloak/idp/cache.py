@@ -24,6 +24,9 @@
   turn a known user into a 451).
 - **Quiet logs**: one line per kind of IdP failure and one per recovery, one line when stale
   answers start being served (see `FailureLog`), never one per request.
+- **Freshness noted**: each answer given is noted in the record of the decision asking, if any
+  (`mailcloak.idp.freshness`): its end of freshness, or, for an answer served stale, an error,
+  a wait cut short or an answer not kept, that there is none to vouch for.
 - **Counters** in `counters` (and errors by kind in `errors`), plain dicts a metrics endpoint
   can read.
 
@@ -40,6 +43,7 @@ from functools import partial
 from typing import Any, Awaitable, Callable, Hashable
 
 from mailcloak.errors import IdPError
+from mailcloak.idp.freshness import watching
 
 log = logging.getLogger(__name__)
 
@@ -154,12 +158,15 @@ class LookupCache:
         `fetch` returns the answer (None for "no such user") or raises IdPError. `ttl_of(answer)`
         may choose the TTL of one answer (None: the default for its kind).
         """
+        freshness = watching()
         entry = self._entries.get(key)
         if entry is not None:
             now = self._clock()
             if now < entry[1]:
                 self._entries.move_to_end(key)
                 self.counters["hits"] += 1
+                if freshness is not None:
+                    freshness.answered(entry[1])
                 return entry[0]
             if now >= self._stale_until(entry):
                 del self._entries[key]
@@ -172,16 +179,30 @@ class LookupCache:
             task.add_done_callback(partial(self._settled, key))
         else:
             self.counters["coalesced"] += 1
+        try:
+            value, fresh_until, stale = await self._answer(task, entry)
+        except BaseException:  # an error, or a wait cut short (a deadline, an abandoned attempt)
+            if freshness is not None:
+                freshness.spoil()
+            raise
+        if stale:
+            self.counters["stale"] += 1
+        if freshness is not None:
+            if fresh_until is None:  # stale, or not kept: no end of freshness to vouch for
+                freshness.spoil()
+            else:
+                freshness.answered(fresh_until)
+        return value
+
+    async def _answer(self, task: asyncio.Future, entry: _Entry | None) -> tuple[Any, float | None, bool]:
+        """The shared fetch's (answer, end of freshness, served stale); while the IdP is known to
+        fail, `entry`'s stale answer if the fetch takes longer than STALE_WAIT_SECONDS."""
         if entry is not None and self.failures.failing and self._usable_stale(entry):
             done, _pending = await asyncio.wait({task}, timeout=STALE_WAIT_SECONDS)
             if not done:  # the IdP is failing and slow: the stale answer now, the fetch goes on
-                self.counters["stale"] += 1
                 self.failures.serving_stale(self.stale_if_error)
-                return entry[0]
-        value, stale = await asyncio.shield(task)
-        if stale:
-            self.counters["stale"] += 1
-        return value
+                return entry[0], None, True
+        return await asyncio.shield(task)
 
     def _settled(self, key: Hashable, task: asyncio.Future) -> None:
         if self._inflight.get(key) is task:
@@ -190,7 +211,9 @@ class LookupCache:
             task.exception()  # retrieved here, so a fetch nobody awaits any more logs no warning
 
     async def _refresh(self, key: Hashable, fetch: Callable[[], Awaitable[Any]],
-                       ttl_of: Callable[[Any], float | None] | None) -> tuple[Any, bool]:
+                       ttl_of: Callable[[Any], float | None] | None) -> tuple[Any, float | None, bool]:
+        """(answer, end of its freshness or None, served stale): None for an answer served
+        stale or not kept."""
         self.counters["requests"] += 1
         try:
             value = await fetch()
@@ -207,11 +230,10 @@ class LookupCache:
             entry = self._entries.get(key)
             if entry is not None and self._usable_stale(entry):
                 self.failures.serving_stale(self.stale_if_error)
-                return entry[0], True
+                return entry[0], None, True
             raise exc from None
         self.failures.recovered()
-        self._store(key, value, ttl_of)
-        return value, False
+        return value, self._store(key, value, ttl_of), False
 
     def _stale_until(self, entry: _Entry) -> float:
         """Until when `entry` may answer while the IdP fails (its TTL's end if it may not)."""
@@ -222,16 +244,21 @@ class LookupCache:
         """May `entry` answer while the IdP fails (within the window; negative only if allowed)?"""
         return self._clock() < self._stale_until(entry) and (entry[0] is not None or self.stale_negative)
 
-    def _store(self, key: Hashable, value: Any, ttl_of: Callable[[Any], float | None] | None) -> None:
+    def _store(self, key: Hashable, value: Any,
+               ttl_of: Callable[[Any], float | None] | None) -> float | None:
+        """Keep `value` for its TTL; the end of its freshness, None when it is not kept."""
         entries = self._entries
         entries.pop(key, None)
         if self.max_entries <= 0:
-            return
+            return None
         ttl = ttl_of(value) if ttl_of is not None else None
         if ttl is None:
             ttl = self.ttl if value is not None else self.negative_ttl
         if ttl <= 0:
-            return
-        entries[key] = (value, self._clock() + ttl)
+            return None
+        fresh_until = self._clock() + ttl
+        entries[key] = (value, fresh_until)
         if len(entries) > self.max_entries:
             entries.popitem(last=False)
+        return fresh_until
+

@@ -92,7 +92,6 @@ class KeycloakProvider(RemoteProvider):
         self._users_url = f"{base}/admin/realms/{realm}/users"
         self._groups_url = f"{base}/admin/realms/{realm}/groups"
         self.lists_enabled = bool(config.list_attribute)
-        self._clock = clock
         self._wallclock = wallclock
         self._token: str | None = None
         self._renew_at = 0.0
@@ -290,7 +289,7 @@ class KeycloakProvider(RemoteProvider):
     # -- the service-account token -------------------------------------------------------------
 
     async def _access_token(self) -> str:
-        now = self._clock()
+        now = self.clock()
         if self._token is not None and now < self._expires_at:
             if now >= self._renew_at:
                 self._start_token_fetch()  # renewed in the background; this token still serves
@@ -310,7 +309,7 @@ class KeycloakProvider(RemoteProvider):
             self._token = None
 
     async def _fetch_token(self) -> str:
-        started = self._clock()
+        started = self.clock()
         status, body = await self._http.request(
             "token", "POST", self._token_url,
             data={"grant_type": "client_credentials", "client_id": self.config.client_id,

@@ -23,6 +23,7 @@ class RemoteProvider(IdentityProvider):
         self.config = config
         self._base = config.base_url.rstrip("/")
         self._http = HttpClient(self.name, config.connect_timeout_seconds, config.request_timeout_seconds)
+        self.clock = clock
         self.failures = FailureLog(self.name, clock=clock)
         self.cache = LookupCache(
             self.name, ttl=config.cache_ttl_seconds, negative_ttl=config.negative_cache_ttl_seconds,

@@ -1,4 +1,5 @@
-"""The IdP lookup cache: TTLs, bounds, coalescing, stale-if-error, quiet logs, counters.
+"""The IdP lookup cache: TTLs, bounds, coalescing, stale-if-error, quiet logs, counters, and the
+end of freshness it notes for a decision watching its answers.
 
 Time is a fake clock moved by hand; no test sleeps.
 """
@@ -13,6 +14,7 @@ import pytest
 from mailcloak.errors import IdPError
 from mailcloak.idp.base import IdPUser
 from mailcloak.idp.cache import LookupCache
+from mailcloak.idp.freshness import Freshness, unwatch, watch
 from mailcloak.idp.http import IdPRequestError
 
 
@@ -364,3 +366,74 @@ async def test_counters_are_a_plain_dict(clock):
     assert cache.counters == {"requests": 2, "hits": 1, "misses": 2, "coalesced": 0,
                               "stale": 0, "errors": 0}
     assert cache.errors == {}
+
+
+# -- the end of freshness noted for a watching decision (mailcloak.idp.freshness) ---------------
+
+async def watched(*lookups) -> Freshness:
+    """The record a decision gets from the lookups it awaits in turn (errors are its business)."""
+    fresh = Freshness()
+    token = watch(fresh)
+    try:
+        for lookup in lookups:
+            try:
+                await lookup()
+            except IdPError:
+                pass
+    finally:
+        unwatch(token)
+    return fresh
+
+
+async def test_answers_note_the_earliest_end_of_their_freshness(clock):
+    cache, idp = make_cache(clock), Backend({"a": ALICE})
+    await cache.get("a", idp.fetcher("a"))                                   # fresh until 220
+    clock.now += 100
+    fresh = await watched(lambda: cache.get("a", idp.fetcher("a")),          # hit: 220
+                          lambda: cache.get("nobody", idp.fetcher("nobody")))  # fetched: 200 + 30
+    assert fresh.expiry() == 220.0 and not fresh.spoiled
+    assert idp.calls == 2
+    assert (await watched()).expiry() is None                               # nothing noted
+
+
+async def test_an_answer_served_stale_spoils_the_record(clock):
+    cache, idp = make_cache(clock), Backend({"a": ALICE, "b": ALICE})
+    await cache.get("a", idp.fetcher("a"))
+    clock.now += 121
+    await cache.get("b", idp.fetcher("b"))
+    idp.error = IdPRequestError("test", "timeout")
+    fresh = await watched(lambda: cache.get("b", idp.fetcher("b")),
+                          lambda: cache.get("a", idp.fetcher("a")))
+    assert cache.counters["stale"] == 1
+    assert fresh.spoiled and fresh.expiry() is None
+
+
+async def test_a_failed_lookup_spoils_the_record(clock):
+    cache, idp = make_cache(clock), Backend({"a": ALICE})
+    await cache.get("a", idp.fetcher("a"))
+    idp.error = IdPRequestError("test", "http 500")
+    fresh = await watched(lambda: cache.get("a", idp.fetcher("a")),
+                          lambda: cache.get("z", idp.fetcher("z")))
+    assert fresh.spoiled and cache.counters["errors"] == 1
+
+
+async def test_a_lookup_cut_short_by_its_deadline_spoils_the_record(clock):
+    cache, idp = make_cache(clock), Backend({"a": ALICE})
+    idp.gate = asyncio.Event()
+    fresh = Freshness()
+    token = watch(fresh)
+    try:
+        waiting = asyncio.ensure_future(cache.get("a", idp.fetcher("a")))  # in the watched context
+    finally:
+        unwatch(token)
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert fresh.spoiled
+
+
+async def test_an_answer_the_cache_does_not_keep_spoils_the_record(clock):
+    cache, idp = make_cache(clock, max_entries=0), Backend({"a": ALICE})
+    fresh = await watched(lambda: cache.get("a", idp.fetcher("a")))
+    assert fresh.spoiled
