@@ -5,7 +5,8 @@ each answer looked up again), and an answer that is a function of the request, t
 the runtime alone need not be worked out twice. The memo is emptied when either changes and when
 it is full; it refers to the snapshot and runtime weakly, so an old snapshot is not kept alive by
 it. An answer that also depends on something else (the clock, a remote IdP's answer with its own
-TTL) must either have it in its key or not be kept.
+TTL) must have it in its key, or carry its own end and be checked against it by the caller when
+found (the policy's decisions on a remote IdP's answers), or not be kept.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ a token without it sees *no* users, which would make every local recipient "unkn
 
 Authentik has no introspection here (`introspect_token` accepts no token): its introspection
 endpoint belongs to an OAuth2 provider with its own client credentials, which this config does not
-hold. Lookups are cached by `LookupCache` (TTLs, coalescing, stale-if-error).
+hold. Lookups are cached by `LookupCache` (TTLs, coalescing, stale-if-error), a user found both
+by address and by username as one `IdPUser` (mailcloak.idp.remote).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import time
 from typing import Any, Callable
 
 from mailcloak.config import AuthentikConfig
-from mailcloak.idp.base import IdPUser
+from mailcloak.idp.base import IdPUser, same_string
 from mailcloak.idp.remote import RemoteProvider
 
 log = logging.getLogger(__name__)
@@ -54,14 +55,14 @@ class AuthentikProvider(RemoteProvider):
         address = address.strip().lower()
         if not address:
             return None
-        return await self.cache.get(("address", address), lambda: self._lookup("email", address))
+        return await self.cache.get(("address", address), lambda: self._lookup("email", address, address))
 
     async def user_by_username(self, username: str) -> IdPUser | None:
         username = username.strip()
         if not username:
             return None
-        return await self.cache.get(("username", username.lower()),
-                                    lambda: self._lookup("username", username))
+        key = username.lower()
+        return await self.cache.get(("username", key), lambda: self._lookup("username", username, key))
 
     async def probe(self) -> str:
         doc = await self._list({"page_size": "1"})
@@ -73,15 +74,15 @@ class AuthentikProvider(RemoteProvider):
                 "give the token's user the permission to view users (authentik_core.view_user)")
         return f"the API token is accepted; {count if count is not None else 'some'} users visible"
 
-    async def _lookup(self, field: str, value: str) -> IdPUser | None:
-        wanted = value.lower()
+    async def _lookup(self, field: str, value: str, wanted: str) -> IdPUser | None:
+        """The user whose `field` is `value` (`wanted`: lower-cased, the cache key's string)."""
         doc = await self._list({field: value, "is_active": "true"})
         user = self._pick(doc["results"], field, wanted)
         if user is None:
             # Exact filters are case-sensitive: catch entries stored with other case.
             doc = await self._list({"search": value, "is_active": "true", "page_size": PAGE_SIZE})
             user = self._pick(doc["results"], field, wanted)
-        return user
+        return self._shared(user)
 
     @staticmethod
     def _pick(results: list[Any], field: str, wanted: str) -> IdPUser | None:
@@ -94,7 +95,8 @@ class AuthentikProvider(RemoteProvider):
         found.sort(key=lambda u: u["username"].lower())
         chosen = found[0]
         email = chosen.get("email")
-        return IdPUser(chosen["username"], email.strip().lower() if isinstance(email, str) else "")
+        email = email.strip().lower() if isinstance(email, str) else ""
+        return IdPUser(same_string(chosen["username"], wanted), same_string(email, wanted))
 
     async def _list(self, params: dict[str, str]) -> dict[str, Any]:
         status, body = await self._http.request(

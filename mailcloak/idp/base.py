@@ -3,19 +3,32 @@
 A provider answers two questions, for enabled users only, comparing case-insensitively:
 "which user has this address" and "which user has this username". It raises IdPError when it
 cannot answer (down, slow, refused, malformed); callers apply `policy.idp_failure_mode`.
+
+A remote provider's cache holds up to 100 000 `IdPUser`s (the scale target), so they are slotted
+and share what they can: one empty `NO_ADDRESSES`, and (`same_string`) the asked address or
+username as their own field when it is equal, instead of a copy parsed from the IdP's answer.
 """
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Callable, Final
+
+NO_ADDRESSES: Final[frozenset[str]] = frozenset()  # one object for every user without aliases
+
+
+def same_string(value: str, asked: str) -> str:
+    """`asked` itself when it equals `value`: the cache key and the answer then share one string."""
+    return asked if value == asked else value
 
 
 @dataclass(frozen=True, slots=True)
 class IdPUser:
     username: str                     # as the IdP spells it
     email: str                        # primary email, lower-case ("" when the user has none)
-    addresses: frozenset[str] = frozenset()  # further addresses the user owns (lower-case)
+    addresses: frozenset[str] = NO_ADDRESSES  # further addresses the user owns (lower-case)
 
     def owns(self, address: str) -> bool:
         return address == self.email or address in self.addresses
@@ -44,6 +57,9 @@ class IdentityProvider(ABC):
     """One provider per process; `close()` releases its HTTP session, if any."""
 
     name: str
+
+    clock: Callable[[], float] = staticmethod(time.monotonic)
+    """The clock (seconds) of the ends of freshness its cache notes (mailcloak.idp.freshness)."""
 
     @abstractmethod
     async def user_by_address(self, address: str) -> IdPUser | None:

@@ -2,7 +2,13 @@
 
 - **Bounded**: at most `max_entries` answers (least recently used go first), each kept until its
   TTL (`ttl` for a user, the shorter `negative_ttl` for "no such user") plus the
-  stale-if-error window, then dropped.
+  stale-if-error window, then dropped: lazily, when it is next asked for, or earlier by the
+  least-recently-used eviction (the bound holds either way, and `len()` counts such entries
+  until then).
+- **Lean**: the scale target holds 100 000 answers, so an entry is one `(answer, fresh_until)`
+  tuple in an `OrderedDict` kept in least-recently-used order (the stale window is the same for
+  every answer of a kind, so it is worked out, not stored); no timer, heap item or per-key
+  object besides it.
 - **Coalesced**: concurrent lookups of one key share ONE request to the IdP. The shared fetch runs
   as its own task and every caller awaits it through `asyncio.shield`, so a caller cancelled by
   its own deadline (the policy's `asyncio.timeout_at`) does not cancel it for the others; its
@@ -18,6 +24,9 @@
   turn a known user into a 451).
 - **Quiet logs**: one line per kind of IdP failure and one per recovery, one line when stale
   answers start being served (see `FailureLog`), never one per request.
+- **Freshness noted**: each answer given is noted in the record of the decision asking, if any
+  (`mailcloak.idp.freshness`): its end of freshness, or, for an answer served stale, an error,
+  a wait cut short or an answer not kept, that there is none to vouch for.
 - **Counters** in `counters` (and errors by kind in `errors`), plain dicts a metrics endpoint
   can read.
 
@@ -29,13 +38,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
 from functools import partial
 from typing import Any, Awaitable, Callable, Hashable
 
-from cachetools import TLRUCache
-
 from mailcloak.errors import IdPError
+from mailcloak.idp.freshness import watching
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +109,11 @@ class FailureLog:
         self._stale_logged = False
 
 
-@dataclass(slots=True)
-class _Entry:
-    value: Any
-    fresh_until: float
-    stale_until: float
+_Entry = tuple[Any, float]  # (answer, fresh_until on the cache's clock)
 
 
 class LookupCache:
-    """Cache of one kind of IdP answer; `get(key, fetch)` is the only way in."""
+    """Cache of one kind of IdP answer; `get(key, fetch)` is the only way in (`peek` only looks)."""
 
     def __init__(self, name: str, *, ttl: float, negative_ttl: float, stale_if_error: float,
                  max_entries: int, clock: Clock = time.monotonic,
@@ -122,10 +126,7 @@ class LookupCache:
         self.stale_negative = stale_negative
         self._clock = clock
         self.failures = failures or FailureLog(name, clock=clock)
-        self._entries: TLRUCache | None = (
-            TLRUCache(maxsize=max_entries, ttu=lambda _key, entry, _now: entry.stale_until, timer=clock)
-            if max_entries > 0 else None
-        )
+        self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()  # least recently used first
         self._inflight: dict[Hashable, asyncio.Future] = {}
         # requests: fetches sent to the IdP; hits: answered fresh from the cache; misses: not
         # fresh (coalesced counts the misses that joined a fetch already in flight); stale:
@@ -136,11 +137,16 @@ class LookupCache:
         self.errors: dict[str, int] = {}
 
     def __len__(self) -> int:
-        return len(self._entries) if self._entries is not None else 0
+        return len(self._entries)
 
     def clear(self) -> None:
-        if self._entries is not None:
-            self._entries.clear()
+        self._entries.clear()
+
+    def peek(self, key: Hashable) -> Any:
+        """The answer cached for `key` (None if none), fresh or not, without counting it as a use:
+        for a provider that makes equal answers under two keys share one object."""
+        entry = self._entries.get(key)
+        return entry[0] if entry is not None else None
 
     def in_flight(self) -> int:
         return len(self._inflight)
@@ -152,10 +158,19 @@ class LookupCache:
         `fetch` returns the answer (None for "no such user") or raises IdPError. `ttl_of(answer)`
         may choose the TTL of one answer (None: the default for its kind).
         """
-        entry = self._entries.get(key) if self._entries is not None else None
-        if entry is not None and self._clock() < entry.fresh_until:
-            self.counters["hits"] += 1
-            return entry.value
+        freshness = watching()
+        entry = self._entries.get(key)
+        if entry is not None:
+            now = self._clock()
+            if now < entry[1]:
+                self._entries.move_to_end(key)
+                self.counters["hits"] += 1
+                if freshness is not None:
+                    freshness.answered(entry[1])
+                return entry[0]
+            if now >= self._stale_until(entry):
+                del self._entries[key]
+                entry = None
         self.counters["misses"] += 1
         task = self._inflight.get(key)
         if task is None:
@@ -164,16 +179,30 @@ class LookupCache:
             task.add_done_callback(partial(self._settled, key))
         else:
             self.counters["coalesced"] += 1
+        try:
+            value, fresh_until, stale = await self._answer(task, entry)
+        except BaseException:  # an error, or a wait cut short (a deadline, an abandoned attempt)
+            if freshness is not None:
+                freshness.spoil()
+            raise
+        if stale:
+            self.counters["stale"] += 1
+        if freshness is not None:
+            if fresh_until is None:  # stale, or not kept: no end of freshness to vouch for
+                freshness.spoil()
+            else:
+                freshness.answered(fresh_until)
+        return value
+
+    async def _answer(self, task: asyncio.Future, entry: _Entry | None) -> tuple[Any, float | None, bool]:
+        """The shared fetch's (answer, end of freshness, served stale); while the IdP is known to
+        fail, `entry`'s stale answer if the fetch takes longer than STALE_WAIT_SECONDS."""
         if entry is not None and self.failures.failing and self._usable_stale(entry):
             done, _pending = await asyncio.wait({task}, timeout=STALE_WAIT_SECONDS)
             if not done:  # the IdP is failing and slow: the stale answer now, the fetch goes on
-                self.counters["stale"] += 1
                 self.failures.serving_stale(self.stale_if_error)
-                return entry.value
-        value, stale = await asyncio.shield(task)
-        if stale:
-            self.counters["stale"] += 1
-        return value
+                return entry[0], None, True
+        return await asyncio.shield(task)
 
     def _settled(self, key: Hashable, task: asyncio.Future) -> None:
         if self._inflight.get(key) is task:
@@ -182,7 +211,9 @@ class LookupCache:
             task.exception()  # retrieved here, so a fetch nobody awaits any more logs no warning
 
     async def _refresh(self, key: Hashable, fetch: Callable[[], Awaitable[Any]],
-                       ttl_of: Callable[[Any], float | None] | None) -> tuple[Any, bool]:
+                       ttl_of: Callable[[Any], float | None] | None) -> tuple[Any, float | None, bool]:
+        """(answer, end of its freshness or None, served stale): None for an answer served
+        stale or not kept."""
         self.counters["requests"] += 1
         try:
             value = await fetch()
@@ -196,30 +227,38 @@ class LookupCache:
             self.counters["errors"] += 1
             self.errors[kind] = self.errors.get(kind, 0) + 1
             self.failures.failed(exc)
-            entry = self._entries.get(key) if self._entries is not None else None
+            entry = self._entries.get(key)
             if entry is not None and self._usable_stale(entry):
                 self.failures.serving_stale(self.stale_if_error)
-                return entry.value, True
+                return entry[0], None, True
             raise exc from None
         self.failures.recovered()
-        self._store(key, value, ttl_of)
-        return value, False
+        return value, self._store(key, value, ttl_of), False
+
+    def _stale_until(self, entry: _Entry) -> float:
+        """Until when `entry` may answer while the IdP fails (its TTL's end if it may not)."""
+        value, fresh_until = entry
+        return fresh_until + self.stale_if_error if value is not None or self.stale_negative else fresh_until
 
     def _usable_stale(self, entry: _Entry) -> bool:
         """May `entry` answer while the IdP fails (within the window; negative only if allowed)?"""
-        return self._clock() < entry.stale_until and (entry.value is not None or self.stale_negative)
+        return self._clock() < self._stale_until(entry) and (entry[0] is not None or self.stale_negative)
 
-    def _store(self, key: Hashable, value: Any, ttl_of: Callable[[Any], float | None] | None) -> None:
-        if self._entries is None:
-            return
+    def _store(self, key: Hashable, value: Any,
+               ttl_of: Callable[[Any], float | None] | None) -> float | None:
+        """Keep `value` for its TTL; the end of its freshness, None when it is not kept."""
+        entries = self._entries
+        entries.pop(key, None)
+        if self.max_entries <= 0:
+            return None
         ttl = ttl_of(value) if ttl_of is not None else None
         if ttl is None:
             ttl = self.ttl if value is not None else self.negative_ttl
         if ttl <= 0:
-            self._entries.pop(key, None)
-            return
-        now = self._clock()
-        keep_stale = value is not None or self.stale_negative
-        fresh_until = now + ttl
-        self._entries[key] = _Entry(value, fresh_until,
-                                    fresh_until + (self.stale_if_error if keep_stale else 0))
+            return None
+        fresh_until = self._clock() + ttl
+        entries[key] = (value, fresh_until)
+        if len(entries) > self.max_entries:
+            entries.popitem(last=False)
+        return fresh_until
+

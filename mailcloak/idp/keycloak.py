@@ -36,7 +36,9 @@ Requests (Keycloak 17+ paths; older ones need `/auth` in `base_url`):
 
 The service account needs the `realm-management` client roles `view-users` and `query-users`
 (and `query-groups` for lists). Lookups are cached by `LookupCache` (see there: TTLs,
-coalescing, stale-if-error); lists share the user cache, its TTLs and its bound.
+coalescing, stale-if-error); lists share the user cache, its TTLs and its bound. A cached user
+shares the asked address or username string and, with the other kind of lookup, its `IdPUser`
+(mailcloak.idp.remote), to keep 100 000 of them small.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from typing import Any, Callable
 from urllib.parse import quote
 
 from mailcloak.config import KeycloakConfig
-from mailcloak.idp.base import IdPList, IdPUser
+from mailcloak.idp.base import NO_ADDRESSES, IdPList, IdPUser, same_string
 from mailcloak.idp.cache import LookupCache
 from mailcloak.idp.http import IdPRequestError, error_field
 from mailcloak.idp.remote import RemoteProvider
@@ -90,7 +92,6 @@ class KeycloakProvider(RemoteProvider):
         self._users_url = f"{base}/admin/realms/{realm}/users"
         self._groups_url = f"{base}/admin/realms/{realm}/groups"
         self.lists_enabled = bool(config.list_attribute)
-        self._clock = clock
         self._wallclock = wallclock
         self._token: str | None = None
         self._renew_at = 0.0
@@ -160,19 +161,19 @@ class KeycloakProvider(RemoteProvider):
 
     async def _fetch_by_address(self, address: str) -> IdPUser | None:
         users = await self._users(self._params(email=address))
-        user = self._pick(users, lambda u: _lower(u.get("email")) == address)
+        user = self._pick(users, lambda u: _lower(u.get("email")) == address, address)
         attribute = self.config.alias_attribute
         if user is None and attribute:
             users = await self._users({"q": f"{attribute}:{address}", "exact": "true",
                                        "briefRepresentation": "false"})
-            user = self._pick(users, lambda u: address in self._aliases(u))
-        return user
+            user = self._pick(users, lambda u: address in self._aliases(u), address)
+        return self._shared(user)
 
     async def _fetch_by_username(self, username: str) -> IdPUser | None:
         users = await self._users(self._params(username=username))
-        return self._pick(users, lambda u: _lower(u.get("username")) == username)
+        return self._shared(self._pick(users, lambda u: _lower(u.get("username")) == username, username))
 
-    def _pick(self, users: list[Any], matches: Callable[[dict], bool]) -> IdPUser | None:
+    def _pick(self, users: list[Any], matches: Callable[[dict], bool], asked: str) -> IdPUser | None:
         found = [u for u in users
                  if isinstance(u, dict) and u.get("enabled") is True
                  and isinstance(u.get("username"), str) and u["username"] and matches(u)]
@@ -180,19 +181,20 @@ class KeycloakProvider(RemoteProvider):
             return None
         found.sort(key=lambda u: u["username"].lower())  # deterministic if an address is shared
         chosen = found[0]
-        return IdPUser(chosen["username"], _lower(chosen.get("email")), self._aliases(chosen))
+        return IdPUser(same_string(chosen["username"], asked), same_string(_lower(chosen.get("email")), asked),
+                       self._aliases(chosen))
 
     def _aliases(self, user: dict) -> frozenset[str]:
         attribute = self.config.alias_attribute
         if not attribute:
-            return frozenset()
+            return NO_ADDRESSES
         attributes = user.get("attributes")
         values = attributes.get(attribute) if isinstance(attributes, dict) else None
         if isinstance(values, str):
             values = [values]
         if not isinstance(values, list):
-            return frozenset()
-        return frozenset(v.strip().lower() for v in values if isinstance(v, str) and v.strip())
+            return NO_ADDRESSES
+        return frozenset(v.strip().lower() for v in values if isinstance(v, str) and v.strip()) or NO_ADDRESSES
 
     async def _fetch_list(self, address: str) -> IdPList | None:
         attribute = self.config.list_attribute
@@ -287,7 +289,7 @@ class KeycloakProvider(RemoteProvider):
     # -- the service-account token -------------------------------------------------------------
 
     async def _access_token(self) -> str:
-        now = self._clock()
+        now = self.clock()
         if self._token is not None and now < self._expires_at:
             if now >= self._renew_at:
                 self._start_token_fetch()  # renewed in the background; this token still serves
@@ -307,7 +309,7 @@ class KeycloakProvider(RemoteProvider):
             self._token = None
 
     async def _fetch_token(self) -> str:
-        started = self._clock()
+        started = self.clock()
         status, body = await self._http.request(
             "token", "POST", self._token_url,
             data={"grant_type": "client_credentials", "client_id": self.config.client_id,

@@ -1,14 +1,21 @@
-"""The policy service on its unix socket: many requests per connection, as Postfix reuses them."""
+"""The policy service on its unix socket: many requests per connection, as Postfix reuses them.
+
+Decisions are memoised (mailcloak.memo), also those that used a remote IdP's answers: such a
+decision is kept until the earliest end of freshness of those answers, as the IdP cache noted
+them (mailcloak.idp.freshness), and worked out again once the provider's clock passes it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import Awaitable
 
 from mailcloak.config import SocketsConfig
 from mailcloak.errors import IdPError, ProtocolError
 from mailcloak.idp.base import IdentityProvider
+from mailcloak.idp.freshness import Freshness, unwatch, watch
 from mailcloak.memo import SnapshotMemo
 from mailcloak.metrics import Metrics, action_class
 from mailcloak.policy.codec import (APP_METHODS, DECIDING, MalformedRequest, PolicyRequest, RequestFramer,
@@ -26,9 +33,11 @@ DECISION_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO}
 # facts and decision see nothing else (codec.DECIDING), so a kept decision is right for as long
 # as snapshot and runtime stay in force. Rows 7/8 read an app login's client_address (its
 # networks; decision_key() then holds it) and the time (its expiry: such decisions are not kept,
-# `_reads_the_clock`). A decision that asked a remote IdP is not kept (its answer has the IdP
-# cache's TTL).
+# `_reads_the_clock`). A decision that asked a remote IdP rests on answers with a TTL: it is kept
+# with their earliest end of freshness (on the provider's clock) and only while the IdP cache
+# vouched for every one of them (not stale, not failed, not cut short by the deadline).
 MEMO_SIZE = 8192
+FOREVER = math.inf  # the end of a kept decision that rests on no answer with a TTL
 _METHOD = list(DECIDING).index("sasl_method")
 _USERNAME = list(DECIDING).index("sasl_username")
 
@@ -43,14 +52,22 @@ def _reads_the_clock(key: tuple, snapshot: Snapshot) -> bool:
 
 
 class _Watched:
-    """The IdP as `gather_facts` sees it, noting whether it was asked anything: a decision that
-    used a remote IdP's answer must not outlive that answer's TTL, so it is not memoised."""
+    """The IdP as `gather_facts` sees it, noting whether it was asked anything, and (`fresh`,
+    filled by the IdP cache while the decision runs `watch`ed) until when its answers hold."""
 
-    __slots__ = ("idp", "asked")
+    __slots__ = ("idp", "asked", "fresh")
 
     def __init__(self, idp: IdentityProvider):
         self.idp = idp
         self.asked = False
+        self.fresh = Freshness()
+
+    def expiry(self) -> float | None:
+        """Until when a decision made through this IdP stays right (provider's clock): FOREVER
+        when it asked nothing that can change, None when that cannot be told."""
+        if not self.asked or self.idp.name == "static":  # the static provider's answers never change
+            return FOREVER
+        return self.fresh.expiry()
 
     def __getattr__(self, name: str):
         attribute = getattr(self.idp, name)
@@ -174,11 +191,15 @@ class PolicyService:
         runtime = self._ref.current
         snapshot = runtime.state.snapshot
         key = request.decision_key()
-        kept = self._memo.entries_for(runtime, snapshot).get(key)
+        kept_entries = self._memo.entries_for(runtime, snapshot)
+        kept = kept_entries.get(key)
         if kept is not None:
-            return self._reply(kept, request, started)
+            if kept[3] == FOREVER or runtime.idp.clock() < kept[3]:
+                return self._reply(kept, request, started)
+            del kept_entries[key]  # an IdP answer it rested on is no longer fresh
         idp = _AtOnce(runtime.idp)
         evaluation = self._evaluate(deciding(key), runtime, snapshot, idp)
+        watching = watch(idp.fresh)
         try:
             evaluation.send(None)
         except StopIteration as done:  # no task, no timer
@@ -187,27 +208,34 @@ class PolicyService:
             pass
         else:  # it waits on something other than an IdP question (none does today)
             evaluation.close()
+        finally:
+            unwatch(watching)
         idp = _Watched(runtime.idp)
         evaluation = self._evaluate(deciding(key), runtime, snapshot, idp)
         return self._answer_later(evaluation, runtime, snapshot, key, idp, request, started)
 
     async def _answer_later(self, evaluation, runtime: Runtime, snapshot: Snapshot | None, key: tuple,
                             idp: _Watched, request: PolicyRequest, started: float) -> bytes:
-        decision = await evaluation
+        watching = watch(idp.fresh)
+        try:
+            decision = await evaluation
+        finally:
+            unwatch(watching)
         return self._reply(self._keep(runtime, snapshot, key, decision, idp), request, started)
 
     def _keep(self, runtime: Runtime, snapshot: Snapshot | None, key: tuple, decision: Decision,
               idp: _Watched) -> tuple:
-        """The memo entry for `decision`, kept unless it rests on a remote IdP's answer (whose TTL
-        the IdP cache keeps) or on a missing snapshot."""
-        entry = (encode_reply(decision.action), (action_class(decision.action), decision.rule), decision)
-        if snapshot is not None and (not idp.asked or runtime.idp.name == "static") \
-                and not _reads_the_clock(key, snapshot):
-            self._memo.keep(runtime, snapshot, key, entry)  # the static provider's answers never change
+        """The memo entry for `decision` (reply, metrics label, decision, end), kept until its end
+        unless that cannot be told (an IdP answer stale, failed or cut short), the snapshot is
+        missing or the decision reads the clock."""
+        until = idp.expiry()
+        entry = (encode_reply(decision.action), (action_class(decision.action), decision.rule), decision, until)
+        if until is not None and snapshot is not None and not _reads_the_clock(key, snapshot):
+            self._memo.keep(runtime, snapshot, key, entry)
         return entry
 
     def _reply(self, entry: tuple, request: PolicyRequest, started: float) -> bytes:
-        reply, label, decision = entry
+        reply, label, decision, _until = entry
         self._decisions[label] += 1
         self._log_decision(request, decision)
         self._latency.observe(asyncio.get_running_loop().time() - started)

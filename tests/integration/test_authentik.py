@@ -45,6 +45,11 @@ async def test_lookups_by_address_and_username(provider, authentik_standin):
     assert authentik_standin.counts["users"] == 2
 
 
+async def test_one_user_object_for_the_lookups_by_address_and_by_username(provider):
+    """The cache holds 100 000 answers at scale: a user asked both ways is kept once."""
+    assert await provider.user_by_username("alice") is await provider.user_by_address("alice@d1.test")
+
+
 async def test_entries_stored_with_other_case_are_found(provider, authentik_standin):
     # Authentik holds "Bob@D2.test" / "Bob": the exact filter misses, the search fallback finds
     assert await provider.user_by_address("bob@d2.test") == BOB

@@ -1,4 +1,5 @@
-"""The IdP lookup cache: TTLs, bounds, coalescing, stale-if-error, quiet logs, counters.
+"""The IdP lookup cache: TTLs, bounds, coalescing, stale-if-error, quiet logs, counters, and the
+end of freshness it notes for a decision watching its answers.
 
 Time is a fake clock moved by hand; no test sleeps.
 """
@@ -13,6 +14,7 @@ import pytest
 from mailcloak.errors import IdPError
 from mailcloak.idp.base import IdPUser
 from mailcloak.idp.cache import LookupCache
+from mailcloak.idp.freshness import Freshness, unwatch, watch
 from mailcloak.idp.http import IdPRequestError
 
 
@@ -109,6 +111,68 @@ async def test_cache_is_bounded_and_evicts_the_least_recently_used(clock):
     await cache.get("b", idp.fetcher("b"))
     assert idp.calls == calls + 1               # evicted, asked again
     assert len(cache) == 3
+
+
+async def test_eviction_follows_use_not_insertion_one_entry_at_a_time(clock):
+    cache = make_cache(clock, max_entries=3)
+    idp = Backend({k: IdPUser(k, f"{k}@d.test") for k in "abcd"})
+    for key in "abc":
+        await cache.get(key, idp.fetcher(key))
+    await cache.get("b", idp.fetcher("b"))      # order of use: a, c, b
+    await cache.get("a", idp.fetcher("a"))      # c, b, a
+    await cache.get("d", idp.fetcher("d"))      # evicts c alone
+    assert len(cache) == 3
+    assert [cache.peek(k) is not None for k in "abcd"] == [True, True, False, True]
+
+
+async def test_a_refreshed_entry_counts_as_just_used(clock):
+    cache = make_cache(clock, max_entries=2)
+    idp = Backend({k: IdPUser(k, f"{k}@d.test") for k in "abc"})
+    await cache.get("a", idp.fetcher("a"))
+    clock.now += 1
+    await cache.get("b", idp.fetcher("b"))
+    clock.now += 120                            # a is past its TTL, b is not
+    await cache.get("a", idp.fetcher("a"))      # fetched again: now the most recently used
+    await cache.get("c", idp.fetcher("c"))      # evicts b
+    assert cache.peek("a") is not None and cache.peek("b") is None
+    assert idp.calls == 4
+
+
+async def test_an_entry_past_its_stale_window_is_dropped_when_next_asked(clock):
+    cache, idp = make_cache(clock, ttl=120, stale_if_error=600), Backend({"a": ALICE})
+    await cache.get("a", idp.fetcher("a"))
+    await cache.get("nobody", idp.fetcher("nobody"))
+    clock.now += 31                             # the negative answer has no stale window
+    idp.error = IdPRequestError("test", "timeout")
+    with pytest.raises(IdPError):
+        await cache.get("nobody", idp.fetcher("nobody"))
+    assert len(cache) == 1 and cache.peek("a") == ALICE
+    clock.now += 120 + 600                      # the positive one is past TTL + stale window
+    with pytest.raises(IdPError):
+        await cache.get("a", idp.fetcher("a"))
+    assert len(cache) == 0
+
+
+async def test_the_bound_holds_whatever_the_entries_expiry(clock):
+    cache = make_cache(clock, max_entries=10)
+    idp = Backend({f"k{i}": ALICE for i in range(50)})
+    for i in range(50):
+        await cache.get(f"k{i}", idp.fetcher(f"k{i}"))
+        clock.now += 100                        # each one past its TTL by the time of the next
+        assert len(cache) <= 10
+    assert [cache.peek(f"k{i}") is not None for i in (39, 40, 49)] == [False, True, True]
+
+
+async def test_peek_neither_counts_nor_changes_the_order_of_use(clock):
+    cache = make_cache(clock, max_entries=2)
+    idp = Backend({k: IdPUser(k, f"{k}@d.test") for k in "abc"})
+    await cache.get("a", idp.fetcher("a"))
+    await cache.get("b", idp.fetcher("b"))
+    counters = dict(cache.counters)
+    assert cache.peek("a") == IdPUser("a", "a@d.test") and cache.peek("z") is None
+    assert cache.counters == counters
+    await cache.get("c", idp.fetcher("c"))      # a is still the least recently used
+    assert cache.peek("a") is None and cache.peek("b") is not None
 
 
 async def test_no_entries_means_no_caching_but_still_coalescing(clock):
@@ -302,3 +366,74 @@ async def test_counters_are_a_plain_dict(clock):
     assert cache.counters == {"requests": 2, "hits": 1, "misses": 2, "coalesced": 0,
                               "stale": 0, "errors": 0}
     assert cache.errors == {}
+
+
+# -- the end of freshness noted for a watching decision (mailcloak.idp.freshness) ---------------
+
+async def watched(*lookups) -> Freshness:
+    """The record a decision gets from the lookups it awaits in turn (errors are its business)."""
+    fresh = Freshness()
+    token = watch(fresh)
+    try:
+        for lookup in lookups:
+            try:
+                await lookup()
+            except IdPError:
+                pass
+    finally:
+        unwatch(token)
+    return fresh
+
+
+async def test_answers_note_the_earliest_end_of_their_freshness(clock):
+    cache, idp = make_cache(clock), Backend({"a": ALICE})
+    await cache.get("a", idp.fetcher("a"))                                   # fresh until 220
+    clock.now += 100
+    fresh = await watched(lambda: cache.get("a", idp.fetcher("a")),          # hit: 220
+                          lambda: cache.get("nobody", idp.fetcher("nobody")))  # fetched: 200 + 30
+    assert fresh.expiry() == 220.0 and not fresh.spoiled
+    assert idp.calls == 2
+    assert (await watched()).expiry() is None                               # nothing noted
+
+
+async def test_an_answer_served_stale_spoils_the_record(clock):
+    cache, idp = make_cache(clock), Backend({"a": ALICE, "b": ALICE})
+    await cache.get("a", idp.fetcher("a"))
+    clock.now += 121
+    await cache.get("b", idp.fetcher("b"))
+    idp.error = IdPRequestError("test", "timeout")
+    fresh = await watched(lambda: cache.get("b", idp.fetcher("b")),
+                          lambda: cache.get("a", idp.fetcher("a")))
+    assert cache.counters["stale"] == 1
+    assert fresh.spoiled and fresh.expiry() is None
+
+
+async def test_a_failed_lookup_spoils_the_record(clock):
+    cache, idp = make_cache(clock), Backend({"a": ALICE})
+    await cache.get("a", idp.fetcher("a"))
+    idp.error = IdPRequestError("test", "http 500")
+    fresh = await watched(lambda: cache.get("a", idp.fetcher("a")),
+                          lambda: cache.get("z", idp.fetcher("z")))
+    assert fresh.spoiled and cache.counters["errors"] == 1
+
+
+async def test_a_lookup_cut_short_by_its_deadline_spoils_the_record(clock):
+    cache, idp = make_cache(clock), Backend({"a": ALICE})
+    idp.gate = asyncio.Event()
+    fresh = Freshness()
+    token = watch(fresh)
+    try:
+        waiting = asyncio.ensure_future(cache.get("a", idp.fetcher("a")))  # in the watched context
+    finally:
+        unwatch(token)
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert fresh.spoiled
+
+
+async def test_an_answer_the_cache_does_not_keep_spoils_the_record(clock):
+    cache, idp = make_cache(clock, max_entries=0), Backend({"a": ALICE})
+    fresh = await watched(lambda: cache.get("a", idp.fetcher("a")))
+    assert fresh.spoiled
