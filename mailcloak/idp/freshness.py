@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from contextvars import ContextVar, Token
+from typing import Callable
 
 
 class Freshness:
@@ -40,16 +41,7 @@ class Freshness:
 
 _watching: ContextVar[Freshness | None] = ContextVar("mailcloak.idp.freshness", default=None)
 
-
-def watching() -> Freshness | None:
-    """The record the current decision notes its IdP answers in, if any."""
-    return _watching.get()
-
-
-def watch(freshness: Freshness) -> Token:
-    """Note the IdP answers given from here on (in this context) in `freshness`."""
-    return _watching.set(freshness)
-
-
-def unwatch(token: Token) -> None:
-    _watching.reset(token)
+# The context variable's own methods, bound: no Python call on the IdP cache's hot path.
+watching: Callable[[], Freshness | None] = _watching.get  # the current decision's record, if any
+watch: Callable[[Freshness], Token] = _watching.set       # note answers given from here on in it
+unwatch: Callable[[Token], None] = _watching.reset        # back to what was noted in before

@@ -225,23 +225,26 @@ class PolicyService:
 
     def _keep(self, runtime: Runtime, snapshot: Snapshot | None, key: tuple, decision: Decision,
               idp: _Watched) -> tuple:
-        """The memo entry for `decision` (reply, metrics label, decision, end), kept until its end
-        unless that cannot be told (an IdP answer stale, failed or cut short), the snapshot is
-        missing or the decision reads the clock."""
+        """The memo entry for `decision` (reply, metrics label (class, rule), action, end), kept
+        until its end unless that cannot be told (an IdP answer stale, failed or cut short), the
+        snapshot is missing or the decision reads the clock. Strings, bytes and a float only: the
+        garbage collector stops tracking such a tuple, so the thousands kept are not walked by
+        its collections (a Decision in it kept it tracked, and more full collections came)."""
         until = idp.expiry()
-        entry = (encode_reply(decision.action), (action_class(decision.action), decision.rule), decision, until)
+        action = decision.action
+        entry = (encode_reply(action), (action_class(action), decision.rule), action, until)
         if until is not None and snapshot is not None and not _reads_the_clock(key, snapshot):
             self._memo.keep(runtime, snapshot, key, entry)
         return entry
 
     def _reply(self, entry: tuple, request: PolicyRequest, started: float) -> bytes:
-        reply, label, decision, _until = entry
+        reply, label, action, _until = entry
         self._decisions[label] += 1
-        self._log_decision(request, decision)
+        self._log_decision(request, action, label[1])
         self._latency.observe(asyncio.get_running_loop().time() - started)
         return reply
 
-    def _log_decision(self, request: PolicyRequest, decision: Decision) -> None:
+    def _log_decision(self, request: PolicyRequest, action: str, rule: str) -> None:
         """One line per decision, with what an administrator searches for; never a secret."""
         level = DECISION_LEVELS[self._ref.current.config.daemon.decision_log_level]
         if not log.isEnabledFor(level):
@@ -250,5 +253,5 @@ class PolicyService:
             "queue_id": request.get("queue_id"), "client": request.get("client_address"),
             "sasl_method": request.get("sasl_method"), "sasl_username": request.sasl_username,
             "sender": request.sender, "recipient": request.recipient,
-            "state": request.protocol_state, "action": decision.action, "rule": decision.rule,
+            "state": request.protocol_state, "action": action, "rule": rule,
         }})
