@@ -17,6 +17,7 @@ _DOMAIN = re.compile(rf"{_LABEL}(\.{_LABEL})*")
 # What a local part may hold here: printable, no space, no '@', nothing a reply could be broken by.
 # Control characters are C0, DEL and C1 (\x80-\x9f: a terminal reads \x9b as an escape).
 _LOCAL = re.compile(r"[^\s@,;:<>()\[\]\\\"\x00-\x1f\x7f-\x9f]+")
+_NOT_LOCAL = re.compile(r"[\s@,;:<>()\[\]\\\"\x00-\x1f\x7f-\x9f]")  # one character _LOCAL refuses
 
 
 class Split(NamedTuple):
@@ -37,6 +38,8 @@ def domain_of(address: str) -> str:
 # Local parts Postfix never splits, whatever the delimiter (split_addr.c: MAIL_ADDR_POSTMASTER,
 # MAIL_ADDR_MAIL_DAEMON, and double_bounce_sender at its default).
 _NEVER_SPLIT = frozenset({"postmaster", "mailer-daemon", "double-bounce"})
+# A Split made without namedtuple's __new__, a Python function: split_extension is on the hot path.
+_split = tuple.__new__
 
 
 def split_extension(address: str, delimiters: str) -> Split:
@@ -55,25 +58,29 @@ def split_extension(address: str, delimiters: str) -> Split:
       owner_request_special, default yes: mailing-list conventions older than sub-addressing).
     """
     address = address.lower()
-    at = address.rfind("@")
-    if not delimiters or at <= 0:
-        return Split(address, "")
-    local = address[:at]
-    # The first delimiter of the local part (strcspn), found by str.find: no loop per character.
+    if len(delimiters) == 1 and delimiters not in address:  # the usual case: nothing to split
+        return _split(Split, (address, ""))
+    local, _, domain = address.rpartition("@")
     if len(delimiters) == 1:  # the usual recipient_delimiter
-        cut = local.find(delimiters)
+        base, delimiter, tag = local.partition(delimiters)
+        extension = delimiter + tag
     else:
-        cut = -1
-        for delimiter in delimiters:
-            i = local.find(delimiter)
-            if i >= 0 and (cut < 0 or i < cut):
-                cut = i
-    if cut <= 0 or local in _NEVER_SPLIT:  # none, or the first one starts the local part
-        return Split(address, "")
-    if "-" in delimiters and (local.startswith("owner-")
-                              or (len(local) > 8 and local.endswith("-request"))):
-        return Split(address, "")
-    return Split(local[:cut] + address[at:], local[cut:])
+        base, extension = _cut_at_first(local, delimiters)
+    if not (base and extension) or local in _NEVER_SPLIT or ("-" in delimiters and (
+            local.startswith("owner-") or (len(local) > 8 and local.endswith("-request")))):
+        return _split(Split, (address, ""))  # none, or the first one starts the local part
+    return _split(Split, (f"{base}@{domain}", extension))
+
+
+def _cut_at_first(local: str, delimiters: str) -> tuple[str, str]:
+    """`local` cut before the first of several delimiters (strcspn), found by str.find: no loop
+    per character; (local, "") when none occurs."""
+    cut = -1
+    for delimiter in delimiters:
+        i = local.find(delimiter)
+        if i >= 0 and (cut < 0 or i < cut):
+            cut = i
+    return (local, "") if cut < 0 else (local[:cut], local[cut:])
 
 
 def add_extension(address: str, extension: str) -> str:
@@ -122,4 +129,4 @@ def check_alias_address(address: str) -> str:
 
 def is_safe_token(value: str) -> bool:
     """True when `value` can be put in a protocol reply as one word (no space, comma, control)."""
-    return bool(value) and _LOCAL.fullmatch(value) is not None
+    return bool(value) and _NOT_LOCAL.search(value) is None  # search: no match object to make

@@ -31,11 +31,15 @@ class SnapshotMemo:
         self._snapshot = self._runtime = _dead
 
     def entries_for(self, runtime: Runtime, snapshot: Snapshot | None) -> dict[Hashable, Any]:
-        """The answers kept for this runtime and snapshot (emptied if they are not the memo's)."""
+        """The answers kept for this runtime and snapshot (emptied if they are not the memo's),
+        with room for one more: an answer worked out without awaiting anything since may be
+        stored in it directly, which is cheaper than `keep`."""
         if self._snapshot() is not snapshot or self._runtime() is not runtime:
             self._entries = {}
             self._snapshot = weakref.ref(snapshot) if snapshot is not None else _dead
             self._runtime = weakref.ref(runtime)
+        elif len(self._entries) >= self._size:
+            self._entries.clear()
         return self._entries
 
     def __len__(self) -> int:

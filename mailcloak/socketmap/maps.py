@@ -33,8 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Coroutine, Iterable, Union
+from typing import Any, Awaitable, Callable, Coroutine, Iterable, NamedTuple, Union
 
 from mailcloak.addresses import add_extension, domain_of, is_safe_token, split_extension
 from mailcloak.errors import IdPError
@@ -47,9 +46,11 @@ MAX_KEY = 10_000      # Postfix's socketmap_max_query_size
 MAX_REPLY = 100_000   # Postfix's socketmap_max_reply_size
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
-    status: str  # OK | NOTFOUND | TEMP | PERM
+STATUSES = ("OK", "NOTFOUND", "TEMP", "PERM")
+
+
+class Reply(NamedTuple):
+    status: str  # one of STATUSES
     data: str = ""
 
     def encode(self) -> bytes:
@@ -92,7 +93,7 @@ async def _bounded(query: Coroutine[Any, Any, Reply], timeout: float) -> Reply:
 def _address(key: str) -> str | None:
     """The lower-case address of a key, or None for a key that is no address Postfix sends."""
     address = key.strip().lower()
-    if len(address) > MAX_KEY or address.find("@") <= 0:
+    if len(address) > MAX_KEY or "@" not in address or address[0] == "@":
         return None
     return address
 

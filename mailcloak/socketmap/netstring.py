@@ -21,11 +21,7 @@ class NetstringDecoder:
         self._max_length = max_length
         self._max_digits = len(str(max_length))
         self._buffer = bytearray()
-
-    @property
-    def pending(self) -> int:
-        """Bytes received that do not yet form a whole netstring."""
-        return len(self._buffer)
+        self.pending = 0  # bytes received that do not yet form a whole netstring
 
     def feed(self, data: bytes) -> list[bytes]:
         """Add received bytes; return every netstring payload now complete."""
@@ -40,6 +36,7 @@ class NetstringDecoder:
                     if end - colon - 1 <= self._max_length and len(data) == end + 1 and data[end] == 44:
                         return [data[colon + 1 : end]]  # 44: ","
         self._buffer += data
+        self.pending = len(self._buffer)
         payloads = []
         while self._buffer:
             colon = self._buffer.find(b":", 0, self._max_digits + 1)
@@ -65,4 +62,5 @@ class NetstringDecoder:
                 raise ProtocolError("netstring does not end with ','")
             payloads.append(bytes(self._buffer[colon + 1 : end]))
             del self._buffer[: end + 1]
+        self.pending = len(self._buffer)
         return payloads

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from time import monotonic
 from typing import Awaitable
 
 from mailcloak.config import SocketsConfig
@@ -11,7 +11,7 @@ from mailcloak.errors import ProtocolError
 from mailcloak.memo import SnapshotMemo
 from mailcloak.metrics import Metrics
 from mailcloak.runtime import RuntimeRef
-from mailcloak.socketmap.maps import MAX_KEY, MAX_REPLY, Reply, lookup
+from mailcloak.socketmap.maps import MAPS, MAX_KEY, MAX_REPLY, NOTFOUND, STATUSES, Reply, lookup
 from mailcloak.socketmap.netstring import NetstringDecoder, encode
 
 log = logging.getLogger(__name__)
@@ -22,6 +22,7 @@ MAX_REQUEST = MAX_KEY + 256  # map name, space and key
 # request, map name included; requests longer than MEMO_KEY_MAX are not kept.
 MEMO_SIZE = 4096
 MEMO_KEY_MAX = 512
+_NOTFOUND_FRAMED = encode(NOTFOUND.encode())
 
 
 class SocketmapService:
@@ -37,6 +38,12 @@ class SocketmapService:
         self._errors = metrics.protocol_errors
         self._latency = metrics.request_seconds.labels("socketmap")
         self._memo = SnapshotMemo(MEMO_SIZE)
+        # The counter cell of each map and status there is, found by the map's name as it comes
+        # on the wire; and NOTFOUND, every map's most common answer, framed once with its cell.
+        self._cells = {(name.encode(), status): self._answers.cell((name, status))
+                       for name in MAPS for status in STATUSES}
+        self._notfound = {name: (_NOTFOUND_FRAMED, cell)
+                          for (name, status), cell in self._cells.items() if status == NOTFOUND.status}
 
     @property
     def sockets(self) -> SocketsConfig:
@@ -57,37 +64,44 @@ class SocketmapService:
     def respond(self, request: bytes) -> bytes | Awaitable[bytes]:
         """The netstring that answers `request`. An answer given at once is a function of the
         request, the snapshot and the config alone, so it is kept (see MEMO_SIZE) while both
-        stay in force."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        stay in force, with the counter cell it counts in."""
+        started = monotonic()
         runtime = self._ref.current
         snapshot = runtime.state.snapshot
-        memo = self._memo.entries_for(runtime, snapshot).get(request)
-        if memo is None:
+        entries = self._memo.entries_for(runtime, snapshot)
+        known = entries.get(request)
+        if known is None:
             reply = self.answer(request)
             if type(reply) is not Reply:
                 return self._answer_later(request, reply, started)
-            memo = self._framed(request, reply)
+            known = self._framed(request, reply)
             if snapshot is not None and len(request) <= MEMO_KEY_MAX:
-                self._memo.keep(runtime, snapshot, request, memo)
-        self._answers[memo[1]] += 1
-        self._latency.observe(loop.time() - started)
-        return memo[0]
+                entries[request] = known
+        known[1][0] += 1
+        self._latency.observe(monotonic() - started)
+        return known[0]
 
     async def _answer_later(self, request: bytes, pending: Awaitable[Reply], started: float) -> bytes:
-        framed, label = self._framed(request, await pending)
-        self._answers[label] += 1
-        self._latency.observe(asyncio.get_running_loop().time() - started)
+        framed, cell = self._framed(request, await pending)
+        cell[0] += 1
+        self._latency.observe(monotonic() - started)
         return framed
 
-    @staticmethod
-    def _framed(request: bytes, reply: Reply) -> tuple[bytes, tuple[str, str]]:
-        """The netstring and its (map, status) metrics label, which travels with a memoised answer."""
+    def _framed(self, request: bytes, reply: Reply) -> tuple[bytes, list[int]]:
+        """The netstring and the counter cell of its (map, status) label."""
+        name = request.partition(b" ")[0]
+        if reply is NOTFOUND:
+            framed = self._notfound.get(name)
+            if framed is not None:
+                return framed
         payload = reply.encode()
         status = reply.status
         if len(payload) > MAX_REPLY:
             payload, status = b"TEMP reply too large", "TEMP"
-        return encode(payload), (request[:request.find(b" ")].decode("ascii", "replace")[:32], status)
+        cell = self._cells.get((name, status))
+        if cell is None:  # a map that does not exist
+            cell = self._answers.cell((name.decode("ascii", "replace")[:32], status))
+        return encode(payload), cell
 
     def answer(self, request: bytes) -> Reply | Awaitable[Reply]:
         name, sep, key_bytes = request.partition(b" ")
@@ -100,7 +114,8 @@ class SocketmapService:
         try:
             key = key_bytes.decode("utf-8")
         except UnicodeDecodeError:
-            return Reply("NOTFOUND")
+            return NOTFOUND
         policy = runtime.config.policy
         return lookup(name.decode("ascii", "replace"), key, snapshot, runtime.idp,
                       policy.recipient_delimiter, policy.request_deadline_seconds)
+

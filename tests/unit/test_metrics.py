@@ -21,7 +21,7 @@ def test_render_counters_and_scrape_time_sources():
     metrics = Metrics()
     label = (action_class("553 5.7.1 Sender not owned by authenticated user"), "8 sender not owned by app")
     metrics.policy_decisions[label] += 2
-    metrics.socketmap_answers[("alias", "NOTFOUND")] += 3
+    metrics.socketmap_answers.cell(("alias", "NOTFOUND"))[0] += 3
     metrics.protocol_errors["socketmap"] += 1
     metrics.request_seconds.labels("policy").observe(0.002)
     runtime = SimpleNamespace(state=SimpleNamespace(loaded_at=0.0, last_error="boom"), idp=_IdP())
