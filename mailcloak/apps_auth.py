@@ -267,6 +267,11 @@ class VerificationCache:
 Verifier = Callable[[str, str], bool]          # (stored hash, password) -> matches
 
 
+def _new_dummy_hash() -> str:
+    """An argon2id hash of a random secret nobody knows, to verify unknown logins against."""
+    return hash_secret(secrets.token_urlsafe(24))
+
+
 class AppAuthenticator:
     """Decides one PLAIN/LOGIN attempt against the apps table. One per daemon process."""
 
@@ -274,8 +279,8 @@ class AppAuthenticator:
                  throttle: FailureThrottle | None = None, workers: int | None = None,
                  max_pending: int = 64, max_queue_seconds: float = 8.0,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 dummy_hash: str | None = None, usage: UsageRecorder | None = None,
-                 wall_clock: Callable[[], float] = time.time):
+                 dummy_hash: str | None = None, make_dummy: Callable[[], str] | None = None,
+                 usage: UsageRecorder | None = None, wall_clock: Callable[[], float] = time.time):
         self._verify = verify
         self.cache = cache if cache is not None else VerificationCache()
         self.throttle = throttle if throttle is not None else FailureThrottle()
@@ -287,6 +292,8 @@ class AppAuthenticator:
         self._verify_seconds = 0.0       # moving average of one verification's wall time
         self._sleep = sleep
         self._dummy_hash = dummy_hash
+        self._make_dummy = make_dummy or _new_dummy_hash
+        self._dummy_making: asyncio.Future[str] | None = None
         self.usage = usage if usage is not None else UsageRecorder(wall_clock)
         self._wall_clock = wall_clock
         # Answers by result, plus "cached", "throttled" and "busy" (for metrics).
@@ -304,11 +311,15 @@ class AppAuthenticator:
                 forget_after=passdb.throttle_forget_after_seconds,
                 max_entries=passdb.throttle_max_entries))
 
-    async def prepare(self) -> None:
-        """Make the dummy hash now (at start), so the first unknown login costs no more than others."""
-        await self._dummy()
+    def prepare(self) -> None:
+        """Start making the dummy hash in a thread, without waiting for it (one argon2id: ~0.2 s,
+        64 MiB at its peak): the daemon gets ready meanwhile, and an unknown login that comes
+        before it is made waits for it."""
+        self._dummy_task()
 
     async def close(self) -> None:
+        if self._dummy_making is not None:
+            self._dummy_making.cancel()  # its thread finishes the hash, which nobody waits for
         if self._executor is not None:
             executor, self._executor = self._executor, None
             await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
@@ -332,12 +343,25 @@ class AppAuthenticator:
         return (self._pending + 1) * self._verify_seconds / self._workers
 
     async def _dummy(self) -> str:
-        """A real argon2id hash of a random secret, made once, for unknown logins."""
+        """A real argon2id hash of a random secret, made once, for unknown logins: an unknown
+        login costs one verification against it, as a known one costs one against its own."""
         if self._dummy_hash is None:
-            start = time.monotonic()
-            self._dummy_hash = await asyncio.to_thread(hash_secret, secrets.token_urlsafe(24))
-            self._verify_seconds = self._verify_seconds or time.monotonic() - start
+            # shield: a login given up on while it waits does not cancel the one making
+            self._dummy_hash = await asyncio.shield(self._dummy_task())
         return self._dummy_hash
+
+    def _dummy_task(self) -> asyncio.Future[str]:
+        """The one making of the dummy hash, started on first use (or again if it failed)."""
+        making = self._dummy_making
+        if making is None or (making.done() and (making.cancelled() or making.exception() is not None)):
+            making = self._dummy_making = asyncio.ensure_future(self._timed_dummy())
+        return making
+
+    async def _timed_dummy(self) -> str:
+        start = time.monotonic()
+        dummy = await asyncio.to_thread(self._make_dummy)
+        self._verify_seconds = self._verify_seconds or time.monotonic() - start
+        return dummy
 
     async def authenticate(self, snapshot: Snapshot | None, login: str, password: str,
                            service: str, remote_ip: str = "") -> AuthOutcome:

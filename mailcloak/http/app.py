@@ -28,8 +28,8 @@ async def _passdb_ctx(app: web.Application) -> AsyncIterator[None]:
     endpoint = app[PASSDB]
     endpoint.secret.load()                 # ConfigError (one line) stops the start
     if app[CONFIG].http.listen:
-        # The dummy hash (one argon2id: ~0.2 s, 64 MiB at its peak) only where logins can come.
-        await endpoint.authenticator.prepare()
+        # The dummy hash only where logins can come, and made while the start goes on.
+        endpoint.authenticator.prepare()
     # Last use of apps: written every passdb.last_use_flush_seconds and once more at stop.
     usage, store = endpoint.authenticator.usage, app[STATE].store
     interval = app[CONFIG].passdb.last_use_flush_seconds

@@ -330,6 +330,61 @@ async def test_too_many_pending_verifications_answer_a_temporary_failure(clock, 
         await authenticator.close()
 
 
+# --- the dummy hash, made while the daemon gets ready ------------------------------------------
+
+class SlowDummy:
+    """A dummy hash made in a thread that waits to be released, counting its makings."""
+
+    def __init__(self):
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.made = 0
+
+    def __call__(self) -> str:
+        self.made += 1
+        self.started.set()
+        assert self.release.wait(10)
+        return "fake$slow-dummy"
+
+
+async def test_unknown_logins_before_the_dummy_hash_is_made_wait_for_it_and_verify_against_it(
+        verifier, clock, sleep):
+    dummy = SlowDummy()
+    authenticator = AppAuthenticator(verify=verifier, cache=VerificationCache(ttl=60, clock=clock),
+                                     throttle=FailureThrottle(clock=clock), sleep=sleep, make_dummy=dummy)
+    try:
+        authenticator.prepare()  # returns without waiting for the hash
+        logins = [asyncio.ensure_future(authenticator.authenticate(snapshot(app()), "ghost", PASSWORD, "smtp"))
+                  for _ in range(2)]
+        assert await asyncio.to_thread(dummy.started.wait, 10)
+        await asyncio.sleep(0)
+        assert verifier.calls == [] and not any(login.done() for login in logins)
+        dummy.release.set()
+        outcomes = await asyncio.gather(*logins)
+        assert [o.result for o in outcomes] == [Result.USER_UNKNOWN] * 2
+        # one making, shared; each unknown login cost one verification against its hash
+        assert dummy.made == 1
+        assert verifier.calls == [("fake$slow-dummy", PASSWORD)] * 2
+    finally:
+        dummy.release.set()
+        await authenticator.close()
+
+
+async def test_no_dummy_hash_until_one_is_needed(verifier, clock, sleep):
+    dummy = SlowDummy()
+    dummy.release.set()
+    authenticator = AppAuthenticator(verify=verifier, cache=VerificationCache(ttl=60, clock=clock),
+                                     throttle=FailureThrottle(clock=clock), sleep=sleep, make_dummy=dummy)
+    try:
+        snap = snapshot(app())
+        assert (await authenticator.authenticate(snap, "mailer", PASSWORD, "smtp")).result is Result.OK
+        assert dummy.made == 0
+        assert (await authenticator.authenticate(snap, "ghost", PASSWORD, "smtp")).result is Result.USER_UNKNOWN
+        assert dummy.made == 1 and verifier.calls[-1] == ("fake$slow-dummy", PASSWORD)
+    finally:
+        await authenticator.close()
+
+
 # --- with real argon2id -------------------------------------------------------------------------
 
 async def test_real_argon2_hashes_and_the_prepared_dummy_hash():
@@ -341,7 +396,7 @@ async def test_real_argon2_hashes_and_the_prepared_dummy_hash():
 
     authenticator = AppAuthenticator(verify=counting_verify)
     try:
-        await authenticator.prepare()
+        authenticator.prepare()
         row = App("Mailer", await asyncio.to_thread(hash_secret, PASSWORD), True, 1)
         snap = snapshot(row)
         assert (await authenticator.authenticate(snap, "mailer", PASSWORD, "smtp")).result is Result.OK
