@@ -23,7 +23,6 @@ class NetstringDecoder:
         self._buffer = bytearray()
         self.pending = 0  # bytes received that do not yet form a whole netstring
 
-
     def feed(self, data: bytes) -> list[bytes]:
         """Add received bytes; return every netstring payload now complete."""
         if not self._buffer:
