@@ -118,4 +118,3 @@ class SocketmapService:
         policy = runtime.config.policy
         return lookup(name.decode("ascii", "replace"), key, snapshot, runtime.idp,
                       policy.recipient_delimiter, policy.request_deadline_seconds)
-
